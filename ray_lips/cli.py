@@ -1,0 +1,177 @@
+"""The ``ray-lips`` command line."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from ray_lips.config import ConfigError, ExperimentConfig, load_config
+from ray_lips.results import RunWriter, new_run_dir
+
+SET_HELP = "Override a config key, e.g. --set train.rounds=10 (repeatable)."
+ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+        raise  # unreachable
+
+
+@click.group()
+@click.version_option(package_name="ray-lips")
+def main() -> None:
+    """Federated LIPS and FedAvg experiments on Ray."""
+
+
+def _connect_and_check(cfg: ExperimentConfig, address: str | None, runs: int) -> None:
+    from ray_lips.runtime import ClusterError, check_resources, connect
+
+    connect(address)
+    try:
+        check_resources(cfg, concurrent_runs=runs)
+    except ClusterError as err:
+        _fail(str(err))
+
+
+def _run_and_report(runs, *, hint_resume: bool = True) -> dict:
+    from ray_lips.launch import run_on_ray
+
+    try:
+        return run_on_ray(runs)
+    except KeyboardInterrupt:
+        dirs = " ".join(str(d) for _, _, d in runs)
+        _fail(f"interrupted; resume with: ray-lips run --resume {dirs}", 130)
+    except Exception as err:  # noqa: BLE001 - report any failure with the run directory
+        cause = getattr(err, "cause", None) or err
+        for _, _, run_dir in runs:
+            click.echo(f"run directory: {run_dir}", err=True)
+        hint = "" if not hint_resume else " (ray-lips run --resume RUN_DIR continues it)"
+        _fail(f"{type(cause).__name__}: {cause}{hint}", 1)
+    return {}
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue the interrupted run in this directory.")
+@click.option("--local", "no_ray", is_flag=True,
+              help="Run in this process without Ray (pools run one after another).")
+def run(config: str | None, overrides: tuple[str, ...], address: str | None,
+        resume_dir: str | None, no_ray: bool) -> None:
+    """Run one experiment from CONFIG (a run config or a sweep spec's base)."""
+    if resume_dir:
+        writer = RunWriter(resume_dir)
+        if not (writer.dir / "config.yaml").exists():
+            _fail(f"--resume: {resume_dir} holds no config.yaml; is it a run directory?")
+        cfg, run_dir = writer.read_config(), writer.dir
+        if overrides or config:
+            _fail("--resume takes the run's own config; do not pass CONFIG or --set")
+    else:
+        if not config:
+            _fail("give a CONFIG file or --resume RUN_DIR")
+        cfg = _load(config, overrides)
+        run_dir = new_run_dir(cfg)
+        RunWriter(run_dir).write_config(cfg)
+    click.echo(f"run directory: {run_dir}", err=True)
+    if no_ray:
+        from ray_lips.experiment import run_local
+
+        summary = run_local(cfg, run_dir)
+    else:
+        _connect_and_check(cfg, address, runs=1)
+        summary = _run_and_report([(cfg.algorithm, cfg, run_dir)])[cfg.algorithm]
+    click.echo(_summary_table({cfg.algorithm: summary}))
+    click.echo(str(run_dir))
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+        f"{value:.4f}"
+
+
+def _summary_table(summaries: dict[str, dict]) -> str:
+    labels = list(summaries)
+    first = next(iter(summaries.values()))
+    window = first.get("final_window", 10)
+    metrics = [
+        (f"acc_global (mean of last {window} eval rounds)", "acc_global_window"),
+        (f"acc_after  (mean of last {window} eval rounds)", "acc_after_window"),
+        ("acc_global (last round)", "acc_global_last"),
+        ("acc_after  (last round)", "acc_after_last"),
+        ("acc_test   (global model, test split)", "acc_test_window"),
+        ("acc_finetune (client mean)", "acc_finetune_mean"),
+        ("acc_finetune_bnrecal (client mean)", "acc_finetune_bnrecal_mean"),
+        ("seconds per round", "seconds_per_round"),
+    ]
+    show_gain = "fedavg" in summaries and len(summaries) > 1
+    header = f"{'metric':44s}" + "".join(f"{lbl:>12s}" for lbl in labels)
+    if show_gain:
+        header += "".join(f"{'gain ' + lbl:>14s}" for lbl in labels if lbl != "fedavg")
+    lines = [header, "-" * len(header)]
+    for title, key in metrics:
+        line = f"{title:44s}" + "".join(f"{_fmt(summaries[lbl].get(key)):>12s}" for lbl in labels)
+        if show_gain:
+            for lbl in labels:
+                if lbl == "fedavg":
+                    continue
+                if key == "seconds_per_round":
+                    line += f"{'':>14s}"
+                    continue
+                gain = summaries[lbl].get(key, math.nan) - summaries["fedavg"].get(key, math.nan)
+                line += f"{'-' if math.isnan(gain) else f'{gain:+.4f}':>14s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--algorithms", default="fedavg,lips", show_default=True,
+              help="Comma-separated algorithms to run side by side.")
+def compare(config: str, overrides: tuple[str, ...], address: str | None,
+            algorithms: str) -> None:
+    """Run CONFIG once per algorithm (same seed, same data) concurrently and compare them."""
+    base = _load(config, overrides)
+    runs = []
+    for algorithm in [a.strip() for a in algorithms.split(",") if a.strip()]:
+        cfg = _load(config, (*overrides, f"algorithm={algorithm}"))
+        run_dir = new_run_dir(cfg)
+        RunWriter(run_dir).write_config(cfg)
+        runs.append((algorithm, cfg, run_dir))
+    _connect_and_check(base, address, runs=len(runs))
+    summaries = _run_and_report(runs)
+    click.echo("")
+    click.echo(_summary_table(summaries))
+    for label, _, run_dir in runs:
+        click.echo(f"{label:>8s}: {run_dir}")
+    figure = _inertia_figure([d for _, _, d in runs])
+    if figure:
+        click.echo(f"inertia figure: {figure}")
+
+
+def _inertia_figure(run_dirs: list[Path]) -> Path | None:
+    """Draw the layer-wise inertia figure when the analysis package is available."""
+    try:
+        from analysis.figures import inertia_figure  # noqa: PLC0415
+    except ImportError:
+        return None
+    out = Path(run_dirs[0]).parent / "inertia.png"
+    return inertia_figure(run_dirs, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Experiment configuration: one validated schema, YAML in, a typed object out.
+
+The key names here are public: sweeps, docs and analysis use them. Every check that can be made
+without touching data or Ray is made here, so a bad value stops with one message naming its key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "mnist1d", "synthetic")
+MODELS = (
+    "resnet4", "resnet6", "resnet8", "resnet10", "resnet18", "vgg11_bn", "smallcnn",
+    "resnet8_1d", "resnet10_1d", "vgg11_bn_1d",
+)
+PARTITIONS = ("dirichlet", "pathological", "iid", "uniform")
+SCORERS = ("sensitivity", "magnitude", "gradient", "random")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Strict):
+    shape: tuple[int, ...] = (3, 32, 32)
+    classes: int = Field(10, ge=2)
+    train_size: int = Field(5000, ge=1)
+    test_size: int = Field(1000, ge=1)
+    noise: float = Field(1.0, ge=0)
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) not in (2, 3) or any(v < 1 for v in value):
+            raise ValueError("must be [channels, length] or [channels, height, width], all >= 1")
+        return value
+
+
+class DataConfig(_Strict):
+    dataset: Literal["cifar10", "cifar100", "tinyimagenet", "digits", "mnist1d", "synthetic"] = (
+        "digits"
+    )
+    root: str = "~/.cache/ray-lips"
+    partition: Literal["dirichlet", "pathological", "iid", "uniform"] = "dirichlet"
+    alpha: float = Field(0.1, gt=0)
+    clients: int = Field(20, ge=1)
+    train_per_client: int = Field(50, ge=1)
+    test_per_client: int = Field(20, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    augment: bool | Literal["auto"] = "auto"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class TrainConfig(_Strict):
+    rounds: int = Field(60, ge=1)
+    local_epochs: int = Field(5, ge=1)
+    batch_size: int = Field(50, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    participation: float = Field(1.0, gt=0, le=1)
+    eval_every: int = Field(1, ge=1)
+    finetune_epochs: int = Field(5, ge=0)
+    final_window: int = Field(10, ge=1)
+    inertia_ref_round: int = Field(2, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(10, ge=1)
+    eval_test_samples: int = Field(2000, ge=0)
+    batched: bool | Literal["auto"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class LipsConfig(_Strict):
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    period: int = Field(5, ge=1)
+    schedule: Literal["linear", "constant"] = "linear"
+    scorer: Literal["sensitivity", "magnitude", "gradient", "random"] = "sensitivity"
+
+
+class ResourcesConfig(_Strict):
+    pools: int = Field(2, ge=1)
+    cpus_per_pool: float = Field(1, gt=0)
+    gpus_per_pool: float = Field(0, ge=0)
+    driver_cpus: float = Field(0, ge=0)
+    timeout_s: float = Field(3600, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: Literal[
+        "resnet4", "resnet6", "resnet8", "resnet10", "resnet18", "vgg11_bn", "smallcnn",
+        "resnet8_1d", "resnet10_1d", "vgg11_bn_1d",
+    ] = "smallcnn"
+    train: TrainConfig = TrainConfig()
+    algorithm: Literal["fedavg", "lips"] = "lips"
+    lips: LipsConfig = LipsConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    output: str = "runs"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        from ray_lips.data.datasets import dataset_info
+
+        info = dataset_info(self.data)
+        dims = len(info.sample_shape) - 1
+        wants_1d = self.model.endswith("_1d")
+        if self.model != "smallcnn" and wants_1d != (dims == 1):
+            kind = "1-D (channels, length)" if dims == 1 else "2-D images"
+            hint = "a *_1d model" if dims == 1 else "a model without the _1d suffix"
+            raise ValueError(
+                f"model: {self.model!r} does not fit dataset {self.data.dataset!r}, whose samples "
+                f"are {kind}; use {hint} or smallcnn"
+            )
+        d = self.data
+        if d.partition == "uniform" and d.clients * d.train_per_client > info.train_size:
+            raise ValueError(
+                f"data.train_per_client: uniform partition needs clients x train_per_client = "
+                f"{d.clients * d.train_per_client} disjoint samples, but {d.dataset} has "
+                f"{info.train_size} training samples"
+            )
+        if d.partition == "pathological" and d.classes_per_client > info.num_classes:
+            raise ValueError(
+                f"data.classes_per_client: {d.classes_per_client} exceeds the "
+                f"{info.num_classes} classes of {d.dataset}"
+            )
+        if d.partition in ("iid", "uniform") and d.test_per_client > info.test_size:
+            raise ValueError(
+                f"data.test_per_client: {d.test_per_client} exceeds the {info.test_size} test "
+                f"samples of {d.dataset}"
+            )
+        if self.resources.pools > d.clients:
+            raise ValueError(
+                f"resources.pools: {self.resources.pools} pools for {d.clients} clients; "
+                "a pool must host at least one client"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value the way YAML would (numbers, booleans, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_key(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating intermediate dicts."""
+    parts = dotted_key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted_key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of ``tree`` with ``key=value`` overrides applied."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        set_key(tree, key.strip(), parse_value(raw))
+    return tree
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; {msg.lower()}"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{key}: {msg}" if key else msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
+    """Validate a config tree; raise ConfigError with one readable message."""
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a run config (a sweep spec's `sweep` section is ignored) and apply overrides."""
+    tree = read_yaml(path)
+    tree.pop("sweep", None)  # a sweep spec is a run config plus a `sweep` section
+    return validate_config(apply_overrides(tree, overrides))

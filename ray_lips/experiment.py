@@ -1,0 +1,264 @@
+"""The driver of one federated run: data, participants, schedule, FedAvg, metrics, checkpoints.
+
+Plain Python: the pools it drives come from a factory, in-process (``LocalPools``) or Ray actors
+(``RayPoolFactory``). ``ray.remote(FederatedRun)`` is the driver actor of ``ray-lips run``; inside a
+Tune trial the trial itself runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray_lips.aggregate import DivergenceError, add_sums, to_state
+from ray_lips.config import ExperimentConfig
+from ray_lips.data import load_dataset, partition_clients
+from ray_lips.data.datasets import ArrayDataset
+from ray_lips.inertia import layer_metrics
+from ray_lips.models import build_model, layer_groups
+from ray_lips.pool import ClientShard, PoolPayload
+from ray_lips.pools import PoolFactory, local_pools
+from ray_lips.results import RunWriter
+from ray_lips.schedule import density_at
+from ray_lips.seeding import derive_seed, numpy_rng
+from ray_lips.training import Normalisation
+
+
+def assign_clients(clients: int, pools: int) -> list[list[int]]:
+    """Pin clients to pools in contiguous blocks (pool i hosts one block)."""
+    return [block.tolist() for block in np.array_split(np.arange(clients), pools)]
+
+
+def sample_participants(cfg: ExperimentConfig, round_idx: int) -> list[int]:
+    clients = cfg.data.clients
+    if cfg.train.participation >= 1.0:
+        return list(range(clients))
+    count = max(1, round(cfg.train.participation * clients))
+    rng = numpy_rng(cfg.seed, "participants", round_idx)
+    return sorted(rng.choice(clients, size=count, replace=False).tolist())
+
+
+def build_payloads(cfg: ExperimentConfig, dataset: ArrayDataset,
+                   assignment: list[list[int]]) -> list[PoolPayload]:
+    d = cfg.data
+    splits = partition_clients(
+        dataset.y_train.numpy(), dataset.y_test.numpy(), dataset.num_classes, scheme=d.partition,
+        clients=d.clients, train_per_client=d.train_per_client, test_per_client=d.test_per_client,
+        alpha=d.alpha, classes_per_client=d.classes_per_client, seed=cfg.seed)
+    augment = dataset.augment if d.augment == "auto" else bool(d.augment)
+    norm = Normalisation(mean=tuple(dataset.mean), std=tuple(dataset.std), augment=augment)
+    test_split = None
+    if cfg.train.eval_test_samples > 0:
+        order = numpy_rng(cfg.seed, "init", 1).permutation(len(dataset.y_test))
+        keep = torch.from_numpy(order[: cfg.train.eval_test_samples])
+        test_split = (dataset.x_test[keep], dataset.y_test[keep])
+    payloads = []
+    for pool_id, block in enumerate(assignment):
+        shards = []
+        for client in block:
+            tr = torch.from_numpy(splits[client].train_idx)
+            te = torch.from_numpy(splits[client].test_idx)
+            shards.append(ClientShard(client, dataset.x_train[tr].clone(),
+                                      dataset.y_train[tr].clone(), dataset.x_test[te].clone(),
+                                      dataset.y_test[te].clone()))
+        payloads.append(PoolPayload(pool_id, shards, norm, tuple(dataset.sample_shape),
+                                    dataset.num_classes, test_split if pool_id == 0 else None))
+    return payloads
+
+
+def initial_model(cfg: ExperimentConfig, sample_shape: tuple[int, ...], num_classes: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        return build_model(cfg.model, sample_shape, num_classes)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def windowed(rows: list[dict], key: str, window: int) -> float:
+    """Mean of ``key`` over the last ``window`` evaluated rounds."""
+    values = [r[key] for r in rows if r.get("evaluated") and r.get(key) is not None
+              and not math.isnan(r[key])]
+    return float(np.mean(values[-window:])) if values else float("nan")
+
+
+class FederatedRun:
+    """One run, advanced a round at a time; resumes from its directory's latest checkpoint."""
+
+    def __init__(self, config: dict[str, Any], run_dir: str | Path,
+                 make_pools: PoolFactory = local_pools):
+        self.cfg = ExperimentConfig.model_validate(config)
+        self.writer = RunWriter(run_dir)
+        dataset = load_dataset(self.cfg.data)
+        self.assignment = assign_clients(self.cfg.data.clients, self.cfg.resources.pools)
+        payloads = build_payloads(self.cfg, dataset, self.assignment)
+        self.samples = {s.client: int(s.x_train.shape[0]) for p in payloads for s in p.shards}
+        model = initial_model(self.cfg, tuple(dataset.sample_shape), dataset.num_classes)
+        self.groups = layer_groups(model)
+        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        del dataset, model
+        self.ref_state: dict[str, torch.Tensor] | None = None
+        self.round = 0
+        self.rounds_rows: list[dict] = []
+        self.layers_rows: list[dict] = []
+        self.elapsed = 0.0
+        self.pools = make_pools(self.cfg.to_dict(), payloads)
+        checkpoint = self.writer.load_checkpoint()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self.writer.write_config(self.cfg)
+            self.pools.call("set_global", round_idx=-1, state=self.global_state, density=1.0)
+        self.writer.write_status("running", round=self.round, rounds=self.cfg.train.rounds)
+
+    # ----- one round --------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.round >= self.cfg.train.rounds
+
+    def density(self, round_idx: int) -> float:
+        if self.cfg.algorithm != "lips":
+            return 1.0
+        lips = self.cfg.lips
+        return density_at(round_idx, self.cfg.train.rounds, lips.sparsity, lips.period,
+                          lips.schedule)
+
+    def _split(self, clients: list[int]) -> list[dict[str, Any]]:
+        chosen = set(clients)
+        return [[c for c in block if c in chosen] for block in self.assignment]
+
+    def run_round(self) -> dict[str, Any]:
+        """Train, aggregate, hand out, measure; returns this round's row."""
+        cfg, r = self.cfg, self.round
+        started = time.perf_counter()
+        participants = sample_participants(cfg, r)
+        evaluate = r % cfg.train.eval_every == 0 or r == cfg.train.rounds - 1
+        trained = self.pools.call(
+            "train_round", [{"participants": p} for p in self._split(participants)],
+            round_idx=r, total_weight=sum(self.samples[c] for c in participants),
+            evaluate=evaluate)
+        new_state = to_state(add_sums(t["sum"] for t in trained if t["sum"] is not None),
+                             self.global_state)
+        density = self.density(r)
+        eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
+                        else participants)
+        handed = self.pools.call(
+            "handout", [{"eval_clients": c if evaluate else []} for c in self._split(eval_clients)],
+            round_idx=r, state=new_state, density=density, eval_test=evaluate)
+        if r == cfg.train.inertia_ref_round:
+            self.ref_state = new_state
+        self.layers_rows += layer_metrics(r, self.groups, self.global_state, new_state,
+                                          self.ref_state)
+        self.global_state = new_state
+        train_rows = [row for t in trained for row in t["clients"]]
+        eval_rows = [row for h in handed for row in h["clients"]]
+        seconds = time.perf_counter() - started
+        self.elapsed += seconds
+        nan = float("nan")
+        acc_test = next((h["acc_test"] for h in handed if h["acc_test"] is not None), None)
+        row = {
+            "round": r, "density": density, "participants": len(participants),
+            "evaluated": evaluate, "train_loss": _mean(train_rows, "loss"),
+            "acc_before": _mean(train_rows, "acc_before") if evaluate else nan,
+            "acc_after": _mean(eval_rows, "acc_after") if evaluate else nan,
+            "acc_global": _mean(eval_rows, "acc_global") if evaluate else nan,
+            "acc_test": acc_test if acc_test is not None else nan,
+            "seconds": seconds,
+        }
+        self.rounds_rows.append(row)
+        self.round += 1
+        self.writer.write_rounds(self.rounds_rows)
+        self.writer.write_layers(self.layers_rows)
+        if self.round % cfg.train.checkpoint_every == 0 or self.done:
+            self.checkpoint()
+        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds,
+                                 elapsed_s=self.elapsed)
+        return row
+
+    # ----- the end ----------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Final per-client evaluation and fine-tuning; writes clients.parquet and the summary."""
+        if not self.done:
+            raise RuntimeError(f"finish() called after {self.round} of {self.cfg.train.rounds}")
+        per_pool = self.pools.call("finetune", round_idx=self.round - 1,
+                                   epochs=self.cfg.train.finetune_epochs)
+        client_rows = sorted((row for rows in per_pool for row in rows), key=lambda r: r["client"])
+        self.writer.write_clients(client_rows)
+        torch.save(self.global_state, self.writer.dir / "model_final.pt")
+        summary = self.summary(client_rows)
+        self.writer.write_status("finished", round=self.round, rounds=self.cfg.train.rounds,
+                                 elapsed_s=self.elapsed, summary=summary)
+        return summary
+
+    def summary(self, client_rows: list[dict] | None = None) -> dict[str, Any]:
+        rows, window = self.rounds_rows, self.cfg.train.final_window
+        last = rows[-1] if rows else {}
+        out: dict[str, Any] = {
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm, "seed": self.cfg.seed,
+            "rounds_done": self.round, "final_window": window,
+            "seconds_per_round": self.elapsed / max(self.round, 1),
+        }
+        for key in ("acc_after", "acc_global", "acc_before", "acc_test"):
+            out[f"{key}_last"] = last.get(key, float("nan"))
+            out[f"{key}_window"] = windowed(rows, key, window)
+        if client_rows:
+            for key in ("acc_final", "acc_finetune", "acc_finetune_bnrecal"):
+                out[f"{key}_mean"] = _mean(client_rows, key)
+        return out
+
+    def run_dir(self) -> str:
+        return str(self.writer.dir)
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        needs_clients = self.density(self.round - 1) < 1.0
+        client_state = self.pools.call("export_state") if needs_clients else []
+        return self.writer.save_checkpoint(self.round - 1, {
+            "next_round": self.round, "global_state": self.global_state,
+            "ref_state": self.ref_state, "client_state": client_state,
+            "density": self.density(self.round - 1), "elapsed": self.elapsed,
+        })
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.round = checkpoint["next_round"]
+        self.global_state = checkpoint["global_state"]
+        self.ref_state = checkpoint["ref_state"]
+        self.elapsed = checkpoint["elapsed"]
+        self.rounds_rows = [r for r in self.writer.read_table("rounds.parquet")
+                            if r["round"] < self.round]
+        self.layers_rows = [r for r in self.writer.read_table("layers.parquet")
+                            if r["round"] < self.round]
+        self.pools.call("set_global", round_idx=self.round - 1, state=self.global_state,
+                        density=checkpoint["density"])
+        merged: dict[int, Any] = {}
+        for state in checkpoint["client_state"]:
+            merged.update(state["grads"])
+        if merged:
+            self.pools.call("import_state", state={"grads": merged})
+
+    def close(self) -> None:
+        self.pools.shutdown()
+
+
+def run_local(config: ExperimentConfig | dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Run a whole experiment in this process, without Ray (tests, GPU boxes without Ray)."""
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    run = FederatedRun(cfg, run_dir)
+    try:
+        while not run.done:
+            run.run_round()
+        return run.finish()
+    except BaseException as err:
+        status = {DivergenceError: "diverged", KeyboardInterrupt: "interrupted"}.get(
+            type(err), "failed")
+        run.writer.write_status(status, error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        run.close()

@@ -1,0 +1,109 @@
+"""A run directory: resolved config, per-round tables as Parquet, checkpoints, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ray_lips.config import ExperimentConfig, validate_config
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+ROUNDS_FILE = "rounds.parquet"
+LAYERS_FILE = "layers.parquet"
+CLIENTS_FILE = "clients.parquet"
+CHECKPOINT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+def new_run_dir(cfg: ExperimentConfig, output: str | Path | None = None) -> Path:
+    """A fresh, uniquely named directory under ``output`` (default: the config's)."""
+    base = Path(output if output is not None else cfg.output).expanduser().resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stem = f"{cfg.name}_{cfg.algorithm}_s{cfg.seed}_{stamp}"
+    for suffix in range(1000):
+        path = base / (stem if suffix == 0 else f"{stem}_{suffix}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {base}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(rows).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes one run's files; every write is atomic so a crash never leaves half a file."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+
+    def write_config(self, cfg: ExperimentConfig) -> None:
+        _atomic_write_bytes(self.dir / CONFIG_FILE, cfg.to_yaml().encode())
+
+    def read_config(self) -> ExperimentConfig:
+        import yaml
+
+        return validate_config(yaml.safe_load((self.dir / CONFIG_FILE).read_text()))
+
+    def write_status(self, status: str, **fields: Any) -> None:
+        current = self.read_status()
+        current.update(fields, status=status, updated=time.time())
+        _atomic_write_bytes(self.dir / STATUS_FILE, json.dumps(current, indent=2).encode())
+
+    def read_status(self) -> dict[str, Any]:
+        path = self.dir / STATUS_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def write_rounds(self, rows: list[dict]) -> None:
+        _write_parquet(self.dir / ROUNDS_FILE, rows)
+
+    def write_layers(self, rows: list[dict]) -> None:
+        _write_parquet(self.dir / LAYERS_FILE, rows)
+
+    def write_clients(self, rows: list[dict]) -> None:
+        _write_parquet(self.dir / CLIENTS_FILE, rows)
+
+    def read_table(self, name: str) -> list[dict]:
+        path = self.dir / name
+        return pd.read_parquet(path).to_dict("records") if path.exists() else []
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self, round_idx: int, payload: dict[str, Any]) -> Path:
+        folder = self.dir / CHECKPOINT_DIR
+        path = folder / f"round_{round_idx:05d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        for old in sorted(folder.glob("round_*.pt"))[:-KEEP_CHECKPOINTS]:
+            old.unlink()
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.dir / CHECKPOINT_DIR).glob("round_*.pt"))
+        return found[-1] if found else None
+
+    def load_checkpoint(self, path: Path | None = None) -> dict[str, Any] | None:
+        path = path or self.latest_checkpoint()
+        if path is None:
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,83 @@
+"""The ``ray-lips`` command as a user runs it, in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "ray_lips.cli"]
+
+
+def _config(tmp_path: Path, tree: dict, **train) -> Path:
+    tree["output"] = str(tmp_path / "runs")
+    tree["train"].update(train)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_bad_value_stops_before_ray_with_the_key_named(tmp_path, tiny_config):
+    result = _cli("run", str(_config(tmp_path, tiny_config)), "--set", "data.alpha=0")
+    assert result.returncode == 2
+    assert "data.alpha" in result.stderr
+    assert "Ray" not in result.stderr  # nothing was started
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_request_on_a_cpu_cluster_stops_before_training(tmp_path, tiny_config):
+    result = _cli("run", str(_config(tmp_path, tiny_config)), "--set",
+                  "resources.gpus_per_pool=0.5")
+    assert result.returncode == 2
+    assert "gpus_per_pool" in result.stderr and "no GPU" in result.stderr
+    assert not list((tmp_path / "runs").glob("*/rounds.parquet"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_config):
+    path = _config(tmp_path, tiny_config, rounds=30, checkpoint_every=4, local_epochs=3)
+    straight = _cli("run", str(path), "--local", "--set", "output=" + str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    straight_dir = Path(straight.stdout.strip().splitlines()[-1])
+
+    proc = subprocess.Popen([*CLI, "run", str(path), "--local"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    run_dir = None
+    while time.time() < deadline:
+        found = list((tmp_path / "runs").glob("*/checkpoints/round_*.pt"))
+        if len(found) >= 2:
+            run_dir = found[0].parent.parent
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert run_dir is not None, "the run never checkpointed"
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) < 30
+
+    resumed = _cli("run", "--resume", str(run_dir), "--local")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("rounds.parquet", "layers.parquet", "clients.parquet"):
+        a = pd.read_parquet(straight_dir / name).drop(columns="seconds", errors="ignore")
+        b = pd.read_parquet(run_dir / name).drop(columns="seconds", errors="ignore")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_run_on_local_ray_prints_the_run_directory(tmp_path, tiny_config):
+    result = _cli("run", str(_config(tmp_path, tiny_config, rounds=3)))
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs"
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 3
+    assert "round 3/3" in result.stderr
+    assert "acc_global" in result.stdout

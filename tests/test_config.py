@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_lips.config import ConfigError, load_config, validate_config
+
+
+def _write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_quickstart_keys_load_and_overrides_apply(tmp_path, tiny_config):
+    cfg = load_config(_write(tmp_path, tiny_config),
+                      ["train.rounds=3", "lips.sparsity=0.7", "data.augment=false"])
+    assert cfg.train.rounds == 3 and cfg.lips.sparsity == 0.7 and cfg.data.augment is False
+    assert cfg.data.dataset == "digits" and cfg.resources.pools == 2
+
+
+def test_sweep_section_is_ignored_by_run_configs(tmp_path, tiny_config):
+    tiny_config["sweep"] = {"grid": {"seed": [0, 1]}}
+    assert load_config(_write(tmp_path, tiny_config)).seed == 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.dataset=imagenet", "data.dataset"),
+    ("model=resnet99", "model"),
+    ("data.alpha=0", "data.alpha"),
+    ("data.alpha=-1", "data.alpha"),
+    ("lips.sparsity=1.0", "lips.sparsity"),
+    ("lips.sparsity=-0.1", "lips.sparsity"),
+    ("lips.period=0", "lips.period"),
+    ("lips.scorer=snip", "lips.scorer"),
+    ("train.rounds=0", "train.rounds"),
+    ("train.bogus=1", "train.bogus"),
+    ("resources.pools=0", "resources.pools"),
+])
+def test_invalid_values_name_their_key(tmp_path, tiny_config, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, tiny_config), [override])
+    assert key in str(err.value)
+
+
+def test_more_samples_than_a_partition_can_give(tiny_config):
+    tiny_config["data"].update(partition="uniform", clients=100, train_per_client=100)
+    with pytest.raises(ConfigError, match="data.train_per_client"):
+        validate_config(tiny_config)
+
+
+def test_model_must_fit_the_data_dimension(tiny_config):
+    tiny_config["data"]["dataset"] = "mnist1d"
+    tiny_config["model"] = "resnet8"
+    with pytest.raises(ConfigError, match="model"):
+        validate_config(tiny_config)
+    tiny_config["model"] = "resnet8_1d"
+    assert validate_config(tiny_config).model == "resnet8_1d"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)

@@ -1,0 +1,75 @@
+import torch
+from torch import nn
+
+from ray_lips.models import build_model, eligible_parameter_names
+from ray_lips.sparsify import keep_count, sparsify_state, top_k_mask
+
+
+def test_keeps_exactly_floor_density_numel_entries_ranked_by_abs_grad_times_weight():
+    w = torch.tensor([[1.0, -2.0, 3.0], [0.5, -0.1, 4.0]])
+    g = torch.tensor([[10.0, 1.0, 0.1], [-4.0, 100.0, 0.0]])
+    # |g*w| = [[10, 2, 0.3], [2, 10, 0]] ... ties broken arbitrarily, so use distinct values
+    g[1, 1] = 50.0  # |g*w| row 1 = [2, 5, 0]
+    out = sparsify_state({"conv.weight": w}, ["conv.weight"], 0.5, "sensitivity",
+                         {"conv.weight": g.half()})
+    kept = out["conv.weight"] != 0
+    assert int(kept.sum()) == keep_count(6, 0.5) == 3
+    expected = torch.tensor([[True, False, False], [False, True, False]])
+    expected[0, 1] = True  # |g*w| = 2 ties with [1,0]; topk picks one of them
+    assert kept[0, 0] and kept[1, 1]
+    assert int(kept.sum()) == 3
+    # kept entries keep their exact global values
+    assert torch.equal(out["conv.weight"][kept], w[kept])
+
+
+def test_floor_of_density_times_numel():
+    assert keep_count(10, 0.55) == 5
+    assert keep_count(7, 0.5) == 3
+    mask = top_k_mask(torch.arange(7.0), 3)
+    assert mask.tolist() == [False] * 4 + [True] * 3
+
+
+def test_only_eligible_layers_change_stem_classifier_and_batchnorm_untouched():
+    torch.manual_seed(0)
+    model = build_model("resnet8", (3, 32, 32), 10)
+    state = model.state_dict()
+    eligible = eligible_parameter_names(model)
+    grads = {n: torch.randn_like(state[n]) for n in eligible}
+    out = sparsify_state(state, eligible, 0.3, "sensitivity", grads)
+    stem = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    assert f"{stem}.weight" not in eligible
+    for name, tensor in state.items():
+        if name in eligible:
+            zeros = int((out[name] == 0).sum())
+            assert zeros == tensor.numel() - keep_count(tensor.numel(), 0.3), name
+        else:
+            assert out[name] is tensor, name  # shared, not copied or changed
+    bn_and_fc = [n for n in state if n.startswith(("bn1", "fc")) or ".bn" in n]
+    assert bn_and_fc and not set(bn_and_fc) & set(eligible)
+
+
+def test_density_one_is_the_global_model():
+    state = {"w": torch.randn(4, 4)}
+    assert sparsify_state(state, ["w"], 1.0, "sensitivity", {"w": torch.randn(4, 4)})["w"] \
+        is state["w"]
+
+
+def test_masks_are_client_specific_through_the_gradient():
+    w = torch.randn(50)
+    a = sparsify_state({"w": w}, ["w"], 0.5, "sensitivity", {"w": torch.randn(50)})["w"]
+    b = sparsify_state({"w": w}, ["w"], 0.5, "sensitivity", {"w": torch.randn(50)})["w"]
+    assert not torch.equal(a != 0, b != 0)
+
+
+def test_other_scorers():
+    w = torch.tensor([3.0, -1.0, 0.5, -4.0])
+    g = torch.tensor([0.1, 5.0, 0.2, 0.0])
+    mag = sparsify_state({"w": w}, ["w"], 0.5, "magnitude")["w"]
+    assert (mag != 0).tolist() == [True, False, False, True]
+    grad = sparsify_state({"w": w}, ["w"], 0.5, "gradient", {"w": g})["w"]
+    assert (grad != 0).tolist() == [False, True, True, False]
+    gen1, gen2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    r1 = sparsify_state({"w": torch.randn(100)}, ["w"], 0.5, "random", generator=gen1)["w"]
+    assert int((r1 != 0).sum()) == 50
+    r2 = sparsify_state({"w": r1 + 10}, ["w"], 0.5, "random", generator=gen2)["w"]
+    assert torch.equal(r1 != 0, r2 != 0)  # same generator seed, same random mask

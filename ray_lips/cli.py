@@ -111,7 +111,7 @@ def _summary_table(summaries: dict[str, dict]) -> str:
         (f"acc_after  (mean of last {window} eval rounds)", "acc_after_window"),
         ("acc_global (last round)", "acc_global_last"),
         ("acc_after  (last round)", "acc_after_last"),
-        ("acc_test   (global model, test split)", "acc_test_window"),
+        (f"acc_test   (mean of last {window}, test subset)", "acc_test_window"),
         ("acc_finetune (client mean)", "acc_finetune_mean"),
         ("acc_finetune_bnrecal (client mean)", "acc_finetune_bnrecal_mean"),
         ("seconds per round", "seconds_per_round"),

@@ -73,3 +73,27 @@ def test_other_scorers():
     assert int((r1 != 0).sum()) == 50
     r2 = sparsify_state({"w": r1 + 10}, ["w"], 0.5, "random", generator=gen2)["w"]
     assert torch.equal(r1 != 0, r2 != 0)  # same generator seed, same random mask
+
+
+def test_zeros_regrow_when_the_client_trains_densely(tiny_config):
+    """Transient sparsity: the next round trains every weight, so the zeroed entries come back."""
+    from ray_lips.config import validate_config
+    from ray_lips.data import load_dataset
+    from ray_lips.experiment import assign_clients, build_payloads, initial_model
+    from ray_lips.pool import ClientPool
+
+    cfg = validate_config(tiny_config)
+    dataset = load_dataset(cfg.data)
+    payload = build_payloads(cfg, dataset, assign_clients(6, 1))[0]
+    pool = ClientPool(cfg.to_dict(), payload)
+    state = initial_model(cfg, dataset.sample_shape, dataset.num_classes).state_dict()
+    pool.set_global(-1, state, 1.0)
+    pool.train_round(0, [0], total_weight=40, evaluate=False)  # remembers client 0's gradient
+    pool.set_global(0, state, 0.5)  # a sparsity round's hand-out
+    handed = pool.handout_state(0)
+    name = pool.eligible[0]
+    zeroed = handed[name] == 0
+    assert int(zeroed.sum()) == handed[name].numel() - handed[name].numel() // 2
+    pool.train_round(1, [0], total_weight=40, evaluate=False)
+    trained = pool.model.state_dict()[name]
+    assert float((trained[zeroed] != 0).float().mean()) > 0.99

@@ -173,5 +173,13 @@ def _inertia_figure(run_dirs: list[Path]) -> Path | None:
     return inertia_figure(run_dirs, out)
 
 
+def _register_subcommands() -> None:
+    from ray_lips.report_cli import report
+
+    main.add_command(report)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

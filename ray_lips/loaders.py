@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,6 @@ def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in paths]
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / STATUS_FILE).is_file()
-
-
 def _skip(name: str) -> bool:
     return name.startswith("checkpoint") or name.startswith(".") or name == "__pycache__"
 
@@ -93,9 +90,9 @@ def _find(roots: list[Path]) -> list[tuple[Path, Path]]:
         if not root.exists():
             raise FileNotFoundError(f"no such directory: {root}")
         runs, trials = _walk(root)
-        for trial in trials:  # a Tune trial with no run below it failed before writing one
-            if not any(r == trial or trial in r.parents for r in runs):
-                runs.append(trial)
+        covered = {folder for run in runs for folder in (run, *run.parents)}
+        # a Tune trial with no run at or below it failed (or is pending) before writing one
+        runs += [trial for trial in trials if trial not in covered]
         for path in runs:
             seen.setdefault(path, root)
     return sorted(seen.items())
@@ -142,26 +139,27 @@ def tune_error(path: Path, root: Path) -> str | None:
     return None
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]+\))?: \S")
+
+
 def error_reason(text: str) -> str | None:
     """The meaningful line of a Tune error text: the exception line of its latest failure.
 
-    Tune writes ``Failure # n (occurred at ...)`` then the exception text, often a Ray
-    traceback whose first line only names the remote task; the line that says what went wrong
-    is the last unindented ``SomeError: message`` line of the latest failure.
+    Tune writes ``Failure # n (occurred at ...)`` and then the exception, often a Ray traceback
+    whose first line only names the remote task (``ray::ImplicitFunc.train() (pid=...)``); what
+    went wrong is on the last ``SomeError: message`` line. Without one, the first line that is
+    not traceback scaffolding is used.
     """
-    blocks = [b for b in text.split("Failure # ") if b.strip()]
+    blocks = [b for b in re.split(r"^Failure # \d+.*$", text, flags=re.MULTILINE) if b.strip()]
     if not blocks:
         return None
-    lines = [ln.rstrip() for ln in blocks[-1].splitlines()]
-    lines = [ln for ln in lines if ln.strip() and not ln.startswith(("(occurred", " ", "\t"))
-             and not ln[:1].isdigit()]
-    body = [ln for ln in lines if not ln.startswith(("Traceback", "The above exception",
-                                                     "During handling"))]
-    for line in reversed(body):
-        head = line.split(":", 1)[0]
-        if ":" in line and " " not in head and head[:1].isalpha():
-            return line.strip()
-    return body[0].strip() if body else None
+    lines = [ln.rstrip() for ln in blocks[-1].splitlines() if ln.strip()]
+    found = [ln for ln in lines if EXCEPTION_LINE.match(ln)]
+    if found:
+        return found[-1].strip()
+    scaffolding = ("Traceback", "The above exception", "During handling", " ", "\t")
+    plain = [ln for ln in lines if not ln.startswith(scaffolding)]
+    return plain[0].strip() if plain else lines[0].strip()
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any], str | None]:
@@ -194,12 +192,6 @@ def _read_table(path: Path, name: str) -> tuple[pd.DataFrame, str | None]:
         return pd.DataFrame(), f"unreadable {file.name}: {err}"
 
 
-def windowed(rounds: pd.DataFrame, key: str, window: int) -> float:
-    """Mean of ``key`` over the last ``window`` evaluated rounds with a value (as the engine)."""
-    values = _evaluated(rounds, key)
-    return float(values.iloc[-window:].mean()) if len(values) else math.nan
-
-
 def _evaluated(rounds: pd.DataFrame, key: str) -> pd.Series:
     if rounds.empty or key not in rounds:
         return pd.Series(dtype=float)
@@ -230,7 +222,7 @@ def client_metrics(clients: pd.DataFrame) -> dict[str, float]:
 
 
 def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
-             ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+             ) -> tuple[dict[str, Any], dict[str, pd.DataFrame | None]]:
     """One run: its ``runs`` row (without derived labels) and its raw tables.
 
     ``rounds`` and ``clients`` are always read (the row's metrics come from them); ``layers``
@@ -245,7 +237,7 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
     else:  # an orphan Tune trial: no run files at all
         status = {"status": "failed" if (path / TUNE_ERROR).is_file() else "pending"}
     wanted = {"rounds", "clients", *tables}
-    frames = {}
+    frames: dict[str, pd.DataFrame | None] = {}
     for name in TABLES:
         frames[name], problem = _read_table(path, name) if name in wanted else (None, None)
         problems.append(problem)
@@ -265,12 +257,15 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
     updated = status.get("updated")
     row: dict[str, Any] = {
         "path": str(path), **config, "status": state, "error": error,
-        "rounds_done": rounds_done, "rounds_total": status.get("rounds", config.get("train.rounds")),
-        "final_window": window, **round_metrics(rounds, window), **client_metrics(frames["clients"]),
+        "rounds_done": rounds_done,
+        "rounds_total": status.get("rounds", config.get("train.rounds")),
+        "final_window": window, **round_metrics(rounds, window),
+        **client_metrics(frames["clients"]),
         "elapsed_s": float(elapsed) if elapsed is not None else math.nan,
         "seconds_per_round": float(elapsed) / rounds_done if elapsed and rounds_done else math.nan,
         "updated": pd.Timestamp(updated, unit="s") if updated else pd.NaT,
-        "has_rounds": not rounds.empty, "has_clients": not frames["clients"].empty,
+        "has_config": (path / CONFIG_FILE).is_file(), "has_rounds": not rounds.empty,
+        "has_clients": not frames["clients"].empty,
         "has_layers": (path / "layers.parquet").is_file(),
     }
     return row, frames
@@ -280,7 +275,7 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
 def _varying(runs: pd.DataFrame, columns: Iterable[str]) -> list[str]:
     out = []
     for col in columns:
-        if col in runs and runs[col].astype(str).nunique(dropna=False) > 1:
+        if col in runs and runs[col].dropna().astype(str).nunique() > 1:
             out.append(col)
     return out
 
@@ -300,9 +295,12 @@ def _short(col: str) -> str:
     return col.split(".")[-1]
 
 
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+def fmt_value(value: Any) -> str:
+    """A config value as a label: floats compactly (0.05, 1e+06), missing as '?'."""
+    if value is None or value is pd.NA:
+        return "?"
+    if isinstance(value, float):
+        return "?" if math.isnan(value) else f"{value:g}"
     return str(value)
 
 
@@ -313,20 +311,25 @@ def add_labels(runs: pd.DataFrame) -> pd.DataFrame:
     for knob in ("sparsity", "period"):
         raw = runs[f"lips.{knob}"] if f"lips.{knob}" in runs else pd.Series(np.nan, runs.index)
         runs[knob] = raw.where(is_lips).astype(float)
-    lips_extra = _varying(runs[is_lips], ("lips.schedule", "lips.scorer"))
-    extra = [c for c in _varying(runs, setting_columns(runs))
+    # labels name what differs between runs with a full config (a Tune trial that failed
+    # before writing config.yaml only has its sampled params)
+    full = runs[runs["has_config"]] if "has_config" in runs else runs
+    lips_extra = _varying(full[is_lips.loc[full.index]], ("lips.schedule", "lips.scorer"))
+    extra = [c for c in _varying(full, setting_columns(full))
              if c not in ("data.dataset", "model")]
 
     def setting(row: pd.Series) -> str:
+        if not row.get("has_config", True):
+            return "? (no config.yaml)"
         head = f"{row.get('data.dataset', '?')}/{row.get('model', '?')}"
-        tail = " ".join(f"{_short(c)}={_fmt_value(row[c])}" for c in extra)
+        tail = " ".join(f"{_short(c)}={fmt_value(row[c])}" for c in extra)
         return f"{head} {tail}".strip()
 
     def method(row: pd.Series) -> str:
         algo = str(row.get("algorithm", "?"))
         if algo != "lips":
             return algo
-        parts = [f"s={_fmt_value(row['sparsity'])}", f"T={_fmt_value(row['period'])}"]
+        parts = [f"s={fmt_value(row['sparsity'])}", f"T={fmt_value(row['period'])}"]
         parts += [f"{_short(c)}={row[c]}" for c in lips_extra]
         return "lips " + " ".join(parts)
 
@@ -352,8 +355,10 @@ def load(paths: PathLike | Iterable[PathLike],
                 parts[name].append(run_tables[name].assign(run_id=run_id))
     runs = add_labels(pd.DataFrame(rows)) if rows else pd.DataFrame(
         columns=["run_id", "path", "status", "error", "setting", "method"])
+    for col in [c for c in runs.columns if c.endswith("_best_round")]:
+        runs[col] = runs[col].astype("Int64")
     keys = [c for c in KEY_COLUMNS if c in runs]
-    frames = {}
+    frames: dict[str, pd.DataFrame | None] = {}
     for name in TABLES:
         if parts[name]:
             table = pd.concat(parts[name], ignore_index=True)

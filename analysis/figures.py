@@ -1,0 +1,265 @@
+"""Figures from the tidy frames: accuracy curves, gain heat maps, layer-wise inertia.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot), so they render
+headless on any machine and never touch a notebook's backend. Every ``*_figure`` function
+returns the Figure; :func:`save` writes it as PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm, TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from analysis.tables import Table, gain_grid
+from ray_lips.loaders import load
+
+ELIGIBLE_COLOUR = "tab:red"
+FEDAVG_COLOUR = "black"
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", format="png")
+    return path
+
+
+def _wrap(text: str, width: int = 55) -> str:
+    return textwrap.fill(text, width)
+
+
+def _grid(count: int, width: float, height: float, ncols: int = 3) -> tuple[Figure, list]:
+    ncols = max(1, min(ncols, count))
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _method_sort(methods: Sequence[str]) -> list[str]:
+    return sorted(methods, key=lambda m: (m != "fedavg", m))
+
+
+def _cycle() -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["tab10"](i) for i in range(10)] * 10
+
+
+def _colours(methods: Sequence[str]) -> dict[str, object]:
+    lips = [m for m in methods if m != "fedavg"]
+    out: dict[str, object] = dict(zip(lips, _cycle(), strict=False))
+    out["fedavg"] = FEDAVG_COLOUR
+    return out
+
+
+# ----- accuracy versus round -------------------------------------------------------------------
+def curve_stats(rounds: pd.DataFrame, metric: str = "acc_global",
+                statuses: Sequence[str] = ("finished",)) -> pd.DataFrame:
+    """Mean, std and seed count of ``metric`` per setting, method and evaluated round."""
+    rows = rounds[rounds["status"].isin(statuses)] if "status" in rounds else rounds
+    if "evaluated" in rows:
+        rows = rows[rows["evaluated"].astype(bool)]
+    rows = rows.dropna(subset=[metric]) if metric in rows else rows.iloc[0:0]
+    if rows.empty:
+        return pd.DataFrame(columns=["setting", "method", "round", "mean", "std", "seeds"])
+    per_seed = rows.groupby(["setting", "method", "seed", "round"])[metric].mean().reset_index()
+    stats = per_seed.groupby(["setting", "method", "round"])[metric].agg(["mean", "std", "count"])
+    return stats.rename(columns={"count": "seeds"}).reset_index()
+
+
+def curves_figure(rounds: pd.DataFrame, metric: str = "acc_global",
+                  statuses: Sequence[str] = ("finished",),
+                  windows: Mapping[str, int] | None = None) -> Figure | None:
+    """Accuracy versus round, one axis per setting, one line per method, band = ± std.
+
+    ``windows`` (setting -> ``train.final_window``) shades the evaluated rounds that the
+    windowed final value averages.
+    """
+    stats = curve_stats(rounds, metric, statuses)
+    if stats.empty:
+        return None
+    settings = sorted(stats["setting"].unique())
+    fig, axes = _grid(len(settings), 5.5, 3.8)
+    colours = _colours(_method_sort(stats["method"].unique()))
+    for ax, setting in zip(axes, settings, strict=True):
+        here = stats[stats["setting"] == setting]
+        for method in _method_sort(here["method"].unique()):
+            line = here[here["method"] == method].sort_values("round")
+            seeds = int(line["seeds"].max())
+            colour = colours[method]
+            ax.plot(line["round"], line["mean"], color=colour, lw=1.6,
+                    label=f"{method} (n={seeds})")
+            band = line["std"].fillna(0.0)
+            ax.fill_between(line["round"], line["mean"] - band, line["mean"] + band,
+                            color=colour, alpha=0.15, lw=0)
+        window = (windows or {}).get(setting)
+        if window:
+            last = np.sort(here["round"].unique())[-window:]
+            ax.axvspan(last[0] - 0.5, last[-1] + 0.5, color="grey", alpha=0.12, lw=0,
+                       label=f"final window ({window} rounds)")
+        ax.set_title(_wrap(setting), fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+# ----- gain heat map ---------------------------------------------------------------------------
+def gain_heatmap_figure(final: Table) -> Figure | None:
+    """Sparsity x period heat map of the gain over FedAvg, one axis per setting.
+
+    Cells are annotated with the gain; ``*`` marks a gain (or loss) the paired test supports.
+    """
+    data = final.data
+    settings = [s for s in sorted(data["setting"].unique())
+                if gain_grid(final, s).notna().to_numpy().any()]
+    if not settings:
+        return None
+    grids = {s: gain_grid(final, s) for s in settings}
+    limit = max(float(np.nanmax(np.abs(g.to_numpy()))) for g in grids.values()) or 1e-6
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit)
+    fig, axes = _grid(len(settings), 4.2, 3.4)
+    for ax, setting in zip(axes, settings, strict=True):
+        grid = grids[setting]
+        image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu", norm=norm, aspect="auto")
+        here = data[(data["setting"] == setting) & (data["algorithm"] != "fedavg")]
+        supported = {(s, p) for s, p, v in zip(here["sparsity"], here["period"], here["verdict"],
+                                               strict=True) if v in ("gain", "loss")}
+        for i, sparsity in enumerate(grid.index):
+            for j, period in enumerate(grid.columns):
+                value = grid.iloc[i, j]
+                if not np.isfinite(value):
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="grey")
+                    continue
+                mark = "*" if (sparsity, period) in supported else ""
+                colour = "white" if abs(value) > 0.6 * limit else "black"
+                ax.text(j, i, f"{value:+.3f}{mark}", ha="center", va="center", fontsize=8,
+                        color=colour)
+        ax.set_xticks(range(len(grid.columns)), [f"{p:g}" for p in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{s:g}" for s in grid.index])
+        ax.set_xlabel("period T")
+        ax.set_ylabel("sparsity")
+        ax.set_title(_wrap(f"gain over FedAvg: {setting}"), fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="LIPS - FedAvg")
+    return fig
+
+
+# ----- layer-wise inertia ----------------------------------------------------------------------
+def inertia_matrix(layers: pd.DataFrame, value: str = "rel_update") -> pd.DataFrame:
+    """Layer (model order) x round matrix of ``value``, averaged over the runs given."""
+    table = layers.pivot_table(index=["layer_index", "layer", "kind", "eligible"],
+                               columns="round", values=value, aggfunc="mean")
+    return table.sort_index(level="layer_index")
+
+
+def _layer_label(layer: str, kind: str, eligible: bool) -> str:
+    return f"{'* ' if eligible else ''}{layer} ({kind})"
+
+
+def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
+                          title: str = "") -> Figure:
+    """Heat maps of ``rel_update`` (layer x round, shared log colour scale), side by side.
+
+    ``panels`` are (title, layers rows) pairs, e.g. FedAvg and LIPS. Eligible (sparsified)
+    layers are starred and coloured on the y axis. Below, the mean ``rel_update`` of the
+    eligible layers per round, one line per panel.
+    """
+    matrices = [(name, inertia_matrix(rows) if not rows.empty else None) for name, rows in panels]
+    values = np.concatenate([m.to_numpy(dtype=float).ravel() for _, m in matrices
+                             if m is not None] or [np.array([])])
+    positive = values[np.isfinite(values) & (values > 0)]
+    vmin, vmax = (positive.min(), positive.max()) if positive.size else (1e-4, 1.0)
+    norm = LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.0001))
+    n_layers = max((len(m) for _, m in matrices if m is not None), default=1)
+    k = len(matrices)
+    fig = Figure(figsize=(4.6 * k + 1.0, 0.28 * n_layers + 4.2), layout="constrained")
+    spec = fig.add_gridspec(2, k + 1, width_ratios=[1.0] * k + [0.05],
+                            height_ratios=[max(2.5, 0.28 * n_layers), 1.6])
+    heat_axes = []
+    image = None
+    for i, (name, matrix) in enumerate(matrices):
+        ax = fig.add_subplot(spec[0, i], sharey=heat_axes[0] if heat_axes else None)
+        heat_axes.append(ax)
+        ax.set_title(_wrap(name, 40), fontsize=9)
+        ax.set_xlabel("round")
+        if matrix is None:
+            ax.text(0.5, 0.5, "no layer metrics", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        rounds = matrix.columns.to_numpy()
+        data = np.ma.masked_invalid(np.where(matrix.to_numpy(dtype=float) > 0,
+                                             matrix.to_numpy(dtype=float), np.nan))
+        image = ax.imshow(data, norm=norm, cmap="viridis", aspect="auto", interpolation="nearest",
+                          extent=(rounds.min() - 0.5, rounds.max() + 0.5, len(matrix) - 0.5, -0.5))
+        if i == 0:
+            labels = [_layer_label(layer, kind, bool(el))
+                      for _, layer, kind, el in matrix.index]
+            ax.set_yticks(range(len(matrix)), labels, fontsize=7)
+            for tick, (_, _, _, el) in zip(ax.get_yticklabels(), matrix.index, strict=True):
+                if el:
+                    tick.set_color(ELIGIBLE_COLOUR)
+            ax.set_ylabel("layer (model order; * = LIPS-eligible)")
+        else:
+            ax.tick_params(labelleft=False)
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_subplot(spec[0, k]),
+                     label="relative update ||Δw|| / ||w|| (log)")
+    line_ax = fig.add_subplot(spec[1, :k])
+    colours = iter(c for c in _cycle() if c != FEDAVG_COLOUR)
+    for name, matrix in matrices:
+        if matrix is None:
+            continue
+        eligible = matrix[matrix.index.get_level_values("eligible").astype(bool)]
+        rows = eligible if len(eligible) else matrix
+        colour = FEDAVG_COLOUR if name.startswith("fedavg") else next(colours)
+        line_ax.plot(matrix.columns, rows.mean(axis=0), lw=1.4, label=name, color=colour)
+    line_ax.set_yscale("log")
+    line_ax.set_xlabel("round")
+    line_ax.set_ylabel("mean rel. update,\neligible layers", fontsize=8)
+    line_ax.grid(alpha=0.3)
+    line_ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(_wrap(title, 100), fontsize=10)
+    return fig
+
+
+def inertia_figure(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """The inertia figure of the given runs (e.g. FedAvg and LIPS of one comparison), as PNG."""
+    frames = load(list(run_dirs), tables=("layers",))
+    panels = []
+    for run_dir in run_dirs:  # in the order given; a folder of runs contributes each of them
+        root = Path(run_dir).expanduser().resolve()
+        below = [Path(p) == root or root in Path(p).parents for p in frames.runs["path"]]
+        for _, run in frames.runs[below].iterrows():
+            rows = frames.layers[frames.layers["run_id"] == run["run_id"]]
+            panels.append((f"{run['method']} (seed {run.get('seed')})", rows))
+    settings = sorted(frames.runs["setting"].unique())
+    title = f"Layer-wise inertia: {'; '.join(settings)}"
+    return save(inertia_panels_figure(panels, title), out)
+
+
+def setting_inertia_figure(layers: pd.DataFrame, setting: str,
+                           methods: Sequence[str] | None = None,
+                           statuses: Sequence[str] = ("finished",)) -> Figure | None:
+    """FedAvg beside LIPS methods of one setting, ``rel_update`` averaged over seeds."""
+    rows = layers[(layers["setting"] == setting) & layers["status"].isin(statuses)]
+    if rows.empty:
+        return None
+    methods = _method_sort(methods if methods is not None else rows["method"].unique())
+    panels = []
+    for method in methods:
+        here = rows[rows["method"] == method]
+        seeds = here["seed"].nunique()
+        panels.append((f"{method} (mean of {seeds} seed{'s' if seeds != 1 else ''})", here))
+    return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}")

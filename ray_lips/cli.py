@@ -175,7 +175,9 @@ def _inertia_figure(run_dirs: list[Path]) -> Path | None:
 
 def _register_subcommands() -> None:
     from ray_lips.report_cli import report
+    from ray_lips.sweep_cli import sweep
 
+    main.add_command(sweep)
     main.add_command(report)
 
 

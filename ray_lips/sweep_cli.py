@@ -1,0 +1,114 @@
+"""``ray-lips sweep SPEC``: a Ray Tune sweep of federated runs, local or on a cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ray_lips.config import ConfigError
+from ray_lips.sweep import ClusterError, SweepSpec, check_cluster, describe, load_spec
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _inside_ray_job() -> bool:
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _check_start(spec: SweepSpec, resume: bool) -> None:
+    from ray_lips.tune_trial import can_resume, saved_spec  # noqa: PLC0415 - imports Ray Tune
+
+    where = spec.experiment_dir
+    if resume:
+        if not can_resume(where):
+            _fail(f"--resume: no sweep to resume in {where} (sweep.name and sweep.storage_path "
+                  "locate it)")
+        saved = saved_spec(where)
+        if saved is not None and (saved.get("trials") != spec.trials
+                                  or saved.get("base") != spec.base):
+            _warn(f"the spec differs from the one the sweep started with; resuming runs the "
+                  f"original trials (see {where / 'sweep_spec.yaml'})")
+    elif can_resume(where):
+        _fail(f"{where} already holds a sweep named {spec.name!r}; continue it with --resume, "
+              "or start another with --set sweep.name=NEW_NAME")
+
+
+def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
+    import ray  # noqa: PLC0415
+
+    from ray_lips.runtime import connect  # noqa: PLC0415
+
+    connect(address)
+    if not spec.check_resources:
+        return
+    try:
+        check_cluster(spec, ray.nodes())
+    except ClusterError as err:
+        _fail(str(err))
+
+
+@click.command("sweep")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True,
+              help="Override a key of the base config or of the sweep section, e.g. "
+                   "--set train.rounds=10 --set sweep.max_concurrent_trials=2 (repeatable).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted sweep in the spec's storage_path/name: finished "
+                   "trials are kept, unfinished and failed ones continue from their checkpoints.")
+@click.option("--address", default=None,
+              help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")
+def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+    """Run the Ray Tune sweep described by SPEC (a run config plus a `sweep:` section)."""
+    try:
+        spec = load_spec(spec_file, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+        return
+    if spec.storage_is_relative and _inside_ray_job():
+        _warn(f"sweep.storage_path is relative: inside a submitted job it resolves into the "
+              f"job's temporary working directory ({spec.storage_path}); pass an absolute or "
+              "shared path, e.g. --set sweep.storage_path=/shared/ray_results")
+    _check_start(spec, resume)
+    click.echo(f"sweep {spec.name!r}: {spec.total_trials} trial(s) -> {spec.experiment_dir}",
+               err=True)
+    for overrides_ in spec.trials[:20]:
+        click.echo(f"  {describe(overrides_)}", err=True)
+    if len(spec.trials) > 20:
+        click.echo(f"  ... and {len(spec.trials) - 20} more", err=True)
+    _connect_and_check(spec, address)
+
+    from ray_lips.tune_trial import (  # noqa: PLC0415
+        expected_trials,
+        format_table,
+        run_sweep,
+        trial_table,
+    )
+
+    expected = expected_trials(spec, resume)
+    results = run_sweep(spec, resume=resume)
+    table = trial_table(results)
+    click.echo("")
+    click.echo(format_table(table))
+    click.echo(f"storage: {spec.experiment_dir}")
+    unfinished = table["status"].isin(["running", "pending"]).sum() + max(
+        0, expected - len(table))
+    failed = table["status"].isin(["failed", "error"]).sum()
+    if unfinished:
+        _fail(f"{unfinished} trial(s) did not finish; continue with: ray-lips sweep {spec_file} "
+              f"--resume" + "".join(f" --set {o}" for o in overrides), 130)
+    if failed:
+        _fail(f"{failed} trial(s) failed; see error.txt in their directories "
+              f"(--resume retries them from their last checkpoints)", 1)
+
+
+if __name__ == "__main__":
+    sweep()

@@ -1,0 +1,351 @@
+"""The Ray Tune side of a sweep: the trial function, its placement group, the Tuner.
+
+Each trial is one federated run and is itself the driver (``FederatedRun``); its client pools are
+actors in the trial's placement group: bundle 0 is the driver's (``resources.driver_cpus``; Tune
+drops it when empty), then one bundle per pool, so a sweep never asks for more GPUs than exist.
+The run files go straight into the trial's directory in the storage path, beside Tune's own
+files, so analysis reads sweeps and single runs alike. ``FederatedRun`` resumes from the newest
+checkpoint in that directory; the same checkpoint also travels as the Tune checkpoint, so a
+restored trial finds it even when its directory did not come along.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+
+from ray_lips.aggregate import DivergenceError
+from ray_lips.config import ExperimentConfig, validate_config
+from ray_lips.experiment import FederatedRun
+from ray_lips.ray_pools import RayPoolFactory
+from ray_lips.results import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAYERS_FILE,
+    ROUNDS_FILE,
+    STATUS_FILE,
+    RunWriter,
+)
+from ray_lips.sweep import (
+    TIME_ATTR,
+    Dimension,
+    SchedulerSpec,
+    SweepSpec,
+    describe,
+    trial_bundles,
+    trial_config,
+    trial_label,
+)
+
+SPEC_FILE = "sweep_spec.yaml"
+WINDOW_KEYS = ("acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window")
+# Test-only fault injection: a trial config entry naming the round after which the trial
+# crashes once (a marker file in the run directory makes the retry go through).
+FAULT_KEY = "_crash_once_after_round"
+_FAULT_MARKER = ".crash_injected"
+
+
+# ----- the trial ------------------------------------------------------------------------------
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The dotted overrides of one trial: its grid point plus its random draws."""
+    return {**config.get("overrides", {}), **config.get("sampled", {})}
+
+
+def resolve_trial(base: dict[str, Any], config: dict[str, Any]) -> ExperimentConfig:
+    return validate_config(trial_config(base, trial_overrides(config)))
+
+
+def trial_run_dir() -> Path:
+    """The trial's directory in the storage path (not Tune's node-local staging directory)."""
+    from ray.train._internal.session import get_storage  # noqa: PLC0415 - developer API
+
+    storage = get_storage()
+    if storage.storage_filesystem.type_name == "local":
+        return Path(storage.trial_fs_path)
+    return Path(tune.get_context().get_trial_dir())
+
+
+def round_metrics(row: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """What Tune gets for a round: rounds done, the windows so far, and the round's row.
+
+    The first keys are the columns of Tune's progress table.
+    """
+    out: dict[str, Any] = {TIME_ATTR: int(row.get("round", -1)) + 1}
+    out.update({k: summary[k] for k in WINDOW_KEYS if k in summary})
+    out.update({k: v for k, v in row.items() if _is_number(v)})
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float)
+
+
+def pack_checkpoint(writer: RunWriter, checkpoint_file: Path, folder: Path) -> None:
+    """What a Tune checkpoint holds: the run's checkpoint and the tables it continues."""
+    shutil.copy2(checkpoint_file, folder / checkpoint_file.name)
+    for name in (CONFIG_FILE, ROUNDS_FILE, LAYERS_FILE):
+        if (writer.dir / name).exists():
+            shutil.copy2(writer.dir / name, folder / name)
+
+
+def _report(metrics: dict[str, Any], checkpoint_file: Path | None, writer: RunWriter) -> None:
+    if checkpoint_file is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-lips-ckpt-") as tmp:
+        pack_checkpoint(writer, checkpoint_file, Path(tmp))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def adopt_checkpoint(checkpoint: tune.Checkpoint | None, writer: RunWriter) -> None:
+    """Copy the Tune checkpoint's files into the run directory unless it has a newer one."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        found = sorted(Path(folder).glob("round_*.pt"))
+        if not found:
+            return
+        newest = writer.latest_checkpoint()
+        if newest is not None and newest.name >= found[-1].name:
+            return
+        for name in (CONFIG_FILE, ROUNDS_FILE, LAYERS_FILE):
+            if (Path(folder) / name).exists():
+                shutil.copy2(Path(folder) / name, writer.dir / name)
+        shutil.copy2(found[-1], writer.dir / CHECKPOINT_DIR / found[-1].name)
+
+
+def _pool_factory(cfg: ExperimentConfig) -> RayPoolFactory:
+    group = ray.util.get_current_placement_group()
+    first = len(group.bundle_specs) - cfg.resources.pools if group is not None else 0
+    return RayPoolFactory(cfg.resources, placement_group=group, first_bundle=first)
+
+
+def _drive(run: FederatedRun, writer: RunWriter, crash_after: int | None) -> None:
+    """Rounds until the end, reporting evaluated and checkpointed rounds; then the summary."""
+    last = writer.latest_checkpoint()
+    while not run.done:
+        row = run.run_round()
+        if crash_after is not None and row["round"] == crash_after \
+                and not (writer.dir / _FAULT_MARKER).exists():
+            (writer.dir / _FAULT_MARKER).touch()
+            raise RuntimeError(f"injected crash after round {crash_after} (test)")
+        newest = writer.latest_checkpoint()
+        fresh = newest if newest != last else None
+        last = newest
+        if not run.done and (row["evaluated"] or fresh is not None):
+            _report(round_metrics(row, run.summary()), fresh, writer)
+    summary = run.finish()
+    row = run.rounds_rows[-1] if run.rounds_rows else {}
+    final = {**round_metrics(row, summary), **{k: v for k, v in summary.items() if _is_number(v)}}
+    _report(final, writer.latest_checkpoint(), writer)
+
+
+def lips_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """The Tune function trainable: one federated run, reported round by round."""
+    cfg = resolve_trial(base, config)
+    writer = RunWriter(trial_run_dir())
+    earlier = writer.read_status()
+    if earlier.get("status") == "diverged":  # deterministic: a retry would diverge again
+        raise DivergenceError(f"diverged in an earlier attempt, not retried: "
+                              f"{earlier.get('error')}")
+    run: FederatedRun | None = None
+    try:
+        adopt_checkpoint(tune.get_checkpoint(), writer)
+        writer.write_config(cfg)
+        run = FederatedRun(cfg.to_dict(), writer.dir, _pool_factory(cfg))
+        _drive(run, writer, config.get(FAULT_KEY))
+    except DivergenceError as err:
+        writer.write_status("diverged", error=f"DivergenceError: {err}")
+        raise
+    except Exception as err:
+        cause = getattr(err, "cause", None) or err
+        writer.write_status("failed", error=f"{type(cause).__name__}: {cause}")
+        raise
+    finally:
+        if run is not None:
+            run.close()
+
+
+# ----- Tune plumbing --------------------------------------------------------------------------
+def make_trainable(base: dict[str, Any]) -> Any:
+    """``lips_trial`` bound to the base config, with each trial's placement group."""
+
+    def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+        return tune.PlacementGroupFactory(trial_bundles(resolve_trial(base, config)),
+                                          strategy="PACK")
+
+    return tune.with_resources(tune.with_parameters(lips_trial, base=base), resources=resources)
+
+
+def trial_name(trial: Trial) -> str:
+    return f"{trial.trial_id}_{trial_label(trial_overrides(trial.config))}"
+
+
+def _domain(dim: Dimension) -> Any:
+    if dim.kind == "choice":
+        return tune.choice(list(dim.values))
+    if dim.kind == "uniform":
+        return tune.uniform(*dim.values)
+    return tune.loguniform(*dim.values)
+
+
+def param_space(spec: SweepSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    space: dict[str, Any] = {"overrides": tune.grid_search(spec.trials)}
+    if spec.random:
+        space["sampled"] = {d.key: _domain(d) for d in spec.random}
+    space.update(extra or {})
+    return space
+
+
+class RunStatusCallback(tune.Callback):
+    """Settles status.json of trials that ended without the trial saying why."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
+        _settle(trial, "stopped",
+                reason="stopped by Tune before its last round (scheduler or time budget)")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        _settle(trial, "failed", error="the trial process failed; see error.txt")
+
+
+def _settle(trial: Trial, status: str, **fields: str) -> None:
+    """Record how a trial ended when it could not say so itself (still marked running)."""
+    path = Path(trial.path) if trial.path else None
+    if path is None or not (path / STATUS_FILE).exists():
+        return
+    writer = RunWriter(path)
+    if writer.read_status().get("status") == "running":
+        writer.write_status(status, **fields)
+
+
+def make_scheduler(spec: SchedulerSpec | None) -> ASHAScheduler | None:
+    """ASHA on the spec's metric, with rounds done as its clock."""
+    if spec is None:
+        return None
+    options = {} if spec.reduction_factor is None else {"reduction_factor": spec.reduction_factor}
+    return ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode,
+                         max_t=spec.max_t, grace_period=spec.grace_period, **options)
+
+
+def build_tuner(spec: SweepSpec, callbacks: Sequence[tune.Callback] = (),
+                extra_params: dict[str, Any] | None = None) -> tune.Tuner:
+    return tune.Tuner(
+        make_trainable(spec.base),
+        param_space=param_space(spec, extra_params),
+        tune_config=tune.TuneConfig(
+            num_samples=spec.num_samples, scheduler=make_scheduler(spec.scheduler),
+            max_concurrent_trials=spec.max_concurrent_trials, time_budget_s=spec.time_budget_s,
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(spec.storage_path),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[RunStatusCallback(), *callbacks]),
+    )
+
+
+def save_spec(spec: SweepSpec) -> Path:
+    """The resolved spec beside the experiment: what ``--resume`` runs, whatever the file says."""
+    spec.experiment_dir.mkdir(parents=True, exist_ok=True)
+    path = spec.experiment_dir / SPEC_FILE
+    path.write_text(yaml.safe_dump({
+        "name": spec.name, "base": spec.base, "trials": spec.trials,
+        "random": [{"key": d.key, "kind": d.kind, "values": list(d.values)} for d in spec.random],
+        "sweep": spec.section,
+    }, sort_keys=False))
+    return path
+
+
+def saved_spec(experiment_dir: Path) -> dict[str, Any] | None:
+    path = experiment_dir / SPEC_FILE
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def expected_trials(spec: SweepSpec, resume: bool) -> int:
+    """How many trials the sweep has (for ``--resume``: the sweep as it was started)."""
+    saved = saved_spec(spec.experiment_dir) if resume else None
+    if not saved:
+        return spec.total_trials
+    return len(saved.get("trials") or [{}]) * int(saved.get("sweep", {}).get("num_samples", 1))
+
+
+def can_resume(experiment_dir: Path) -> bool:
+    return experiment_dir.is_dir() and tune.Tuner.can_restore(str(experiment_dir))
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[tune.Callback] = (),
+              extra_params: dict[str, Any] | None = None) -> tune.ResultGrid:
+    """Fit the sweep (Ray must be connected).
+
+    ``resume`` restores the experiment directory with the trials, callbacks and settings it was
+    started with; ``callbacks`` and ``extra_params`` (test hooks) only apply to a new sweep.
+    """
+    if resume:
+        saved = saved_spec(spec.experiment_dir) or {}
+        tuner = tune.Tuner.restore(str(spec.experiment_dir),
+                                   trainable=make_trainable(saved.get("base", spec.base)),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        save_spec(spec)
+        tuner = build_tuner(spec, callbacks, extra_params)
+    return tuner.fit()
+
+
+# ----- the table at the end -------------------------------------------------------------------
+def _run_status(path: Path | None) -> dict[str, Any]:
+    if path is None or not (path / STATUS_FILE).exists():
+        return {}
+    return RunWriter(path).read_status()
+
+
+def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial: id, overrides, run status, windowed accuracies, rounds done.
+
+    The status and numbers come from the run directory when it has them (``finished``,
+    ``diverged``, ``failed``, ``stopped`` by the scheduler, ``running`` = not finished), else from
+    Tune's last result.
+    """
+    rows = []
+    for result in results:
+        path = Path(result.path) if result.path else None
+        metrics = result.metrics or {}
+        status = _run_status(path)
+        state = status.get("status") or ("error" if result.error else "pending")
+        if result.error is not None and state == "running":
+            state = "error"
+        numbers = {**metrics, **status.get("summary", {})}
+        trial_id = metrics.get("trial_id") or ("_".join(path.name.split("_")[:2]) if path else "?")
+        rows.append({
+            "trial": trial_id,
+            "overrides": describe(trial_overrides(result.config or {})),
+            "status": state,
+            "acc_global_window": numbers.get("acc_global_window", math.nan),
+            "acc_after_window": numbers.get("acc_after_window", math.nan),
+            "rounds": int(status.get("round", metrics.get(TIME_ATTR, 0)) or 0),
+        })
+    columns = ["trial", "overrides", "status", "acc_global_window", "acc_after_window", "rounds"]
+    return pd.DataFrame(rows, columns=columns).sort_values("trial").reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The table as text, text columns left-aligned, accuracies to 4 decimals."""
+    formatters: dict[str, Callable[[Any], str]] = {
+        k: (lambda v: "-" if pd.isna(v) else f"{v:.4f}")
+        for k in ("acc_global_window", "acc_after_window")}
+    for column in ("trial", "overrides", "status"):
+        width = max([len(column), *(len(str(v)) for v in table[column])])
+        formatters[column] = lambda v, w=width: str(v).ljust(w)
+    return table.to_string(index=False, formatters=formatters, justify="left")

@@ -1,0 +1,210 @@
+"""Sweep specs without Ray: expansion, validation messages, cluster fit, the shipped specs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from ray_lips.config import ConfigError, load_config
+from ray_lips.sweep import (
+    ClusterError,
+    SpecError,
+    check_cluster,
+    describe,
+    load_spec,
+    parse_spec,
+    trial_bundles,
+    trial_label,
+)
+from ray_lips.sweep_cli import sweep
+
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def _spec(tiny_config: dict, **section) -> dict:
+    return {**tiny_config, "sweep": section}
+
+
+def test_every_shipped_spec_validates_and_is_also_a_run_config():
+    files = sorted(SWEEPS.glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"quickstart", "paper_cifar10", "paper_cifar100", "paper_tinyimagenet",
+            "ablation_scorer", "multi_dataset", "mnist1d_resnet8"} <= names
+    for path in files:
+        spec = load_spec(path)
+        assert spec.total_trials >= 1
+        load_config(path)  # `ray-lips run` reads the same file
+
+
+def test_paper_grids_keep_fedavg_out_of_the_lips_axes():
+    spec = load_spec(SWEEPS / "paper_cifar10.yaml")
+    assert spec.total_trials == 3 * (1 + 3 * 2)
+    fedavg = [t for t in spec.trials if t["algorithm"] == "fedavg"]
+    assert len(fedavg) == 3 and all(set(t) == {"algorithm", "seed"} for t in fedavg)
+    lips = [t for t in spec.trials if t["algorithm"] == "lips"]
+    assert {(t["lips.sparsity"], t["lips.period"]) for t in lips} == {
+        (s, p) for s in (0.3, 0.5, 0.7) for p in (5, 10)}
+    cfg = spec.trial_configs()[0]
+    assert (cfg.model, cfg.data.clients, cfg.train.rounds, cfg.resources.gpus_per_pool) == (
+        "vgg11_bn", 100, 300, 0.25)
+    tiny = load_spec(SWEEPS / "paper_tinyimagenet.yaml").trial_configs()[0]
+    assert (tiny.model, tiny.data.clients, tiny.lips.sparsity, tiny.lips.period) == (
+        "resnet10", 40, 0.9, 10)
+
+
+def test_named_variant_axes_are_crossed():
+    spec = load_spec(SWEEPS / "multi_dataset.yaml")
+    assert spec.total_trials == 3 * 7 * 3
+    configs = spec.trial_configs()
+    assert {(c.data.dataset, c.model) for c in configs} == {
+        ("cifar10", "vgg11_bn"), ("cifar100", "resnet8"), ("tinyimagenet", "resnet10")}
+    assert {c.data.clients for c in configs if c.data.dataset == "tinyimagenet"} == {40}
+    assert sum(c.algorithm == "fedavg" for c in configs) == 3 * 3
+
+
+def test_mnist1d_spec_matches_issue_6():
+    spec = load_spec(SWEEPS / "mnist1d_resnet8.yaml")
+    configs = spec.trial_configs()
+    assert len(configs) == 15
+    assert {(c.algorithm, c.lips.sparsity if c.algorithm == "lips" else None) for c in configs} \
+        == {("fedavg", None), ("lips", 0.5), ("lips", 0.7)}
+    c = configs[0]
+    assert (c.data.dataset, c.model, c.data.clients, c.data.train_per_client, c.data.alpha,
+            c.train.rounds, c.train.batch_size, c.train.local_epochs, c.train.lr,
+            c.lips.period, c.resources.gpus_per_pool) == (
+        "mnist1d", "resnet8_1d", 20, 100, 0.1, 100, 100, 5, 0.1, 5, 0)
+
+
+def test_no_sweep_section_is_one_trial(tiny_config):
+    spec = parse_spec(tiny_config)
+    assert spec.trials == [{}] and spec.total_trials == 1 and spec.name == "tiny"
+
+
+def test_grid_random_dims_and_set_overrides(tmp_path, tiny_config):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(
+        tiny_config, grid={"lips": {"sparsity": [0.3, 0.6]}}, uniform={"train.lr": [0.01, 0.1]},
+        choice={"lips.scorer": ["magnitude", "random"]}, num_samples=3)))
+    spec = load_spec(path, ["sweep.max_concurrent_trials=1", "train.rounds=2",
+                            "sweep.storage_path=results", "data.root=datasets"])
+    assert spec.trials == [{"lips.sparsity": 0.3}, {"lips.sparsity": 0.6}]
+    assert spec.total_trials == 6 and spec.max_concurrent_trials == 1
+    assert {d.key: d.kind for d in spec.random} == {"train.lr": "uniform",
+                                                      "lips.scorer": "choice"}
+    assert spec.base["train"]["rounds"] == 2
+    assert spec.storage_path == Path.cwd() / "results" and spec.storage_is_relative
+    # trials run in their own working directories, so a relative data.root is pinned here
+    assert spec.base["data"]["root"] == str(Path.cwd() / "datasets")
+
+
+@pytest.mark.parametrize(("section", "needle"), [
+    ({"grids": {"seed": [0]}}, "sweep.grids: unknown key"),
+    ({"grid": {"lips.sparsty": [0.1]}}, "sweep.grid.lips.sparsty: unknown config key: lips has "
+                                        "no 'sparsty'"),
+    ({"grid": {"seed.x": [0.1]}}, "sweep.grid.seed.x: unknown config key: seed is a value"),
+    ({"grid": {"lips": [0.1]}}, "sweep.grid.lips: lips is a section; name one of its keys "
+                                "(lips.sparsity, lips.period"),
+    ({"grid": {"seed": []}}, "sweep.grid.seed: empty list"),
+    ({"grid": {"seed": 3}}, "sweep.grid.seed: expected a list"),
+    ({"grid": {"lips.sparsity": [0.5, 1.5]}}, "sweep.grid.lips.sparsity: value 1.5 is invalid"),
+    ({"grid": {"algorithm": ["fedavg", "fedprox"]}}, "sweep.grid.algorithm: value 'fedprox'"),
+    ({"variants": [{"algorithm": "lips", "grid": {"train.lr": [0]}}]},
+     "sweep.variants[0].grid.train.lr: value 0 is invalid"),
+    ({"variants": {"algo": [{"algorithm": "lips", "lips.period": 0}]}},
+     "sweep.variants.algo[0].lips.period: value 0 is invalid"),
+    ({"variants": [{}]}, "sweep.variants[0]: expected a mapping"),
+    ({"grid": {"seed": [0, 1]}, "variants": [{"seed": 3}]}, "seed: also set by"),
+    ({"uniform": {"seed": [0, 5]}}, "sweep.uniform.seed: seed is not a float"),
+    ({"uniform": {"train.lr": [0.1, 0.01]}}, "sweep.uniform.train.lr: low 0.1 must be below"),
+    ({"loguniform": {"train.momentum": [0.0, 0.9]}}, "loguniform bounds must be positive"),
+    ({"uniform": {"train.momentum": [0.5, 1.5]}}, "sweep.uniform.train.momentum: value 1.5"),
+    ({"choice": {"lips.scorer": ["magnitude", "psychic"]}}, "sweep.choice.lips.scorer: value"),
+    ({"grid": {"seed": [0]}, "choice": {"seed": [1, 2]}}, "both a random dimension"),
+    ({"scheduler": {"type": "pbt"}}, "sweep.scheduler.type"),
+    ({"scheduler": {"metric": "accuracy"}}, "sweep.scheduler.metric: 'accuracy' is not reported"),
+    ({"scheduler": {"grace_period": 50}}, "sweep.scheduler.grace_period: 50 exceeds max_t 6"),
+    ({"scheduler": {"patience": 3}}, "sweep.scheduler.patience: unknown key"),
+    ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials: expected an integer >= 1"),
+    ({"storage_path": "s3://bucket/results"}, "sweep.storage_path: 's3://bucket/results'"),
+    ({"name": "a/b"}, "sweep.name: 'a/b'"),
+    ({"grid": {"model": ["smallcnn", "resnet8_1d"]}}, "the trial model=resnet8_1d is invalid"),
+    ({"grid": {"resources.gpus_per_pool": [1.5]}}, "resources.gpus_per_pool: 1.5"),
+])
+def test_bad_specs_name_the_key(tiny_config, section, needle):
+    with pytest.raises(SpecError) as err:
+        parse_spec(_spec(tiny_config, **section))
+    assert needle in str(err.value)
+
+
+def test_bad_base_config_is_reported_like_ray_lips_run(tiny_config):
+    tiny_config["data"]["alpha"] = 0
+    with pytest.raises(ConfigError, match="data.alpha"):
+        parse_spec(_spec(tiny_config, grid={"seed": [0, 1]}))
+
+
+def test_labels_are_short_and_file_safe():
+    overrides = {"algorithm": "lips", "lips.sparsity": 0.5, "lips.period": 5, "seed": 1,
+                 "data.synthetic.shape": [1, 40]}
+    assert trial_label(overrides) == "lips_sparsity=0.5_period=5_s1_shape=1x40"
+    assert describe(overrides).startswith("algorithm=lips lips.sparsity=0.5 lips.period=5")
+    assert trial_label({}) == "base"
+
+
+def _node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
+    resources = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_cluster_fit(tiny_config):
+    tiny_config["resources"] = {"pools": 4, "cpus_per_pool": 1, "gpus_per_pool": 0.25,
+                                "driver_cpus": 1}
+    spec = parse_spec(tiny_config)
+    pool = {"CPU": 1.0, "GPU": 0.25}
+    assert trial_bundles(spec.trial_configs()[0]) == [{"CPU": 1.0}] + [pool] * 4
+    check_cluster(spec, [_node(8, 1)])
+    check_cluster(spec, [_node(2, 1), _node(3, 0)])  # spread over two nodes
+    with pytest.raises(ClusterError, match="resources.gpus_per_pool: .* no node of the cluster "
+                                           "has a GPU"):
+        check_cluster(spec, [_node(64)])
+    with pytest.raises(ClusterError, match="resources.pools: .* = 5 CPU, but the whole cluster "
+                                           "has 4"):
+        check_cluster(spec, [_node(4, 1)])
+    with pytest.raises(ClusterError, match="= 1 GPU, but the whole cluster has 0.5"):
+        check_cluster(spec, [_node(8, 0.5)])
+    with pytest.raises(ClusterError, match="GPU"):
+        check_cluster(spec, [_node(8, 1, alive=False), _node(8)])
+
+    tiny_config["resources"] = {"pools": 1, "cpus_per_pool": 4}
+    with pytest.raises(ClusterError, match="resources.cpus_per_pool: a client pool needs 4 CPU"):
+        check_cluster(parse_spec(tiny_config), [_node(2), _node(2)])
+    tiny_config["resources"] = {"pools": 1, "cpus_per_pool": 1, "driver_cpus": 3}
+    with pytest.raises(ClusterError, match="resources.driver_cpus"):
+        check_cluster(parse_spec(tiny_config), [_node(2), _node(2)])
+
+
+def test_cli_rejects_bad_specs_before_ray_starts(tmp_path, tiny_config):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tiny_config, grid={"lips.sparsity": [0.2, 1.0]})))
+    result = CliRunner().invoke(sweep, [str(path), "--set",
+                                        f"sweep.storage_path={tmp_path / 'out'}"])
+    assert result.exit_code == 2
+    assert "sweep.grid.lips.sparsity: value 1.0 is invalid" in result.output
+    assert not (tmp_path / "out").exists()
+
+    path.write_text(yaml.safe_dump(_spec(tiny_config, grid={"lips.sparsity": [0.2, 0.4]})))
+    result = CliRunner().invoke(sweep, [str(path), "--set", "sweep.grid.seed=[]"])
+    assert result.exit_code == 2 and "sweep.grid.seed: empty list" in result.output
+    result = CliRunner().invoke(sweep, [str(path), "--set", "sweep.colour=blue"])
+    assert result.exit_code == 2 and "sweep.colour: unknown key" in result.output
+    result = CliRunner().invoke(sweep, [str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_cli_resume_needs_an_experiment(tmp_path, tiny_config):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    result = CliRunner().invoke(sweep, [str(path), "--resume", "--set",
+                                        f"sweep.storage_path={tmp_path}"])
+    assert result.exit_code == 2
+    assert "--resume: no sweep to resume in" in result.output

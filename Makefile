@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 ## The whole test suite, slow end-to-end tests included.
 test: $(STAMP)
-	$(BIN)/ruff check ray_lips analysis tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 ## Without the slow end-to-end tests.

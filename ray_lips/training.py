@@ -38,7 +38,8 @@ class LocalResult:
     last_grads: dict[str, torch.Tensor] | None  # fp16 gradients of the last mini-batch
 
 
-def _autocast(device: torch.device, precision: str):
+def precision_autocast(device: torch.device, precision: str):
+    """bf16 autocast when ``precision`` is "bf16"; otherwise a no-op context (fp32)."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -68,7 +69,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
             inputs = prepare_batch(x[idx], norm.mean, norm.std, augment=norm.augment,
                                    generator=augment_gen)
             optimiser.zero_grad(set_to_none=True)
-            with _autocast(device, settings.precision):
+            with precision_autocast(device, settings.precision):
                 loss = nn.functional.cross_entropy(model(inputs), y[idx])
             loss.backward()
             if settings.grad_clip is not None:

@@ -1,0 +1,311 @@
+"""Batched client training equals one-at-a-time training, and does not depend on grouping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ray_lips import training
+from ray_lips.aggregate import to_state
+from ray_lips.batched import ClientGroup, supports
+from ray_lips.config import validate_config
+from ray_lips.experiment import build_payloads, initial_model
+from ray_lips.models import build_model, eligible_parameter_names
+from ray_lips.pool import ClientPool, ClientShard, PoolPayload, batch_clients
+from ray_lips.training import LocalSettings, Normalisation, local_train
+
+SETTINGS = LocalSettings(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
+CASES = {  # model, sample shape, samples per client (30 = 16 + a partial batch of 14)
+    "smallcnn": ("smallcnn", (3, 16, 16), 30),
+    "resnet8": ("resnet8", (3, 16, 16), 30),
+    "resnet8_1d": ("resnet8_1d", (1, 40), 30),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as a pool actor with one CPU: small ops stay fast even when other
+    processes keep the cores busy (OpenMP barriers then wait for descheduled threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _generators(client: int) -> tuple[torch.Generator, torch.Generator]:
+    return (torch.Generator().manual_seed(100 + client),
+            torch.Generator().manual_seed(200 + client))
+
+
+def _setup(name: str, clients: int, seed: int = 0):
+    model_name, shape, n = CASES[name]
+    torch.manual_seed(seed)
+    model = build_model(model_name, shape, 10)
+    base = model.state_dict()
+    # Client-specific start states, as in a LIPS sparsity round; BN counters differ too.
+    starts = [{k: (v + 0.02 * c * torch.randn_like(v) if v.is_floating_point() else v + c)
+               for k, v in base.items()} for c in range(clients)]
+    x = torch.randn(clients, n, *shape)
+    y = torch.randint(0, 10, (clients, n))
+    norm = Normalisation(mean=(0.1,) * shape[0], std=(0.9,) * shape[0], augment=len(shape) == 3)
+    return model, starts, x, y, norm
+
+
+def _serial(model, starts, x, y, norm, settings, remember):
+    out = []
+    for c in range(len(starts)):
+        model.load_state_dict(starts[c])
+        result = local_train(model, x[c], y[c], settings, norm, *_generators(c),
+                             remember=remember)
+        out.append((result, copy.deepcopy(model.state_dict())))
+    return out
+
+
+def _batched(model, starts, x, y, norm, settings, remember, members=None, channels_last=None,
+             slots=None):
+    members = list(range(len(starts))) if members is None else members
+    group = ClientGroup(model, slots or len(members), channels_last=channels_last)
+    padded = members + [members[0]] * (group.clients - len(members))
+    group.load([starts[c] for c in padded])
+    gens = [_generators(c) for c in padded]
+    results = group.train(x[padded], y[padded], settings, norm, [g[0] for g in gens],
+                          [g[1] for g in gens], remember=remember)
+    states = group.states()
+    return {c: (results[k], {n: t.clone() for n, t in states[k].items()})
+            for k, c in enumerate(members)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / a.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_a_batched_group_trains_each_client_like_local_train(name, channels_last, monkeypatch):
+    model, starts, x, y, norm = _setup(name, clients=3)
+    remember = eligible_parameter_names(model)
+    if channels_last:
+        # The reference is local_train in the same memory layout: channels-last kernels round
+        # differently from NCHW ones, and after a few steps a max-pool near-tie can then pick
+        # the other input, which moves a few entries by a whole update (serial NCHW against
+        # serial channels-last differ just as much), so each layout is compared with its own.
+        prepare = training.prepare_batch
+
+        def channels_last_batch(*args, **kwargs):
+            batch = prepare(*args, **kwargs)
+            return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 \
+                else batch
+
+        monkeypatch.setattr(training, "prepare_batch", channels_last_batch)
+        model = model.to(memory_format=torch.channels_last)
+    serial = _serial(model, starts, x, y, norm, SETTINGS, remember)
+    batched = _batched(model, starts, x, y, norm, SETTINGS, remember,
+                       channels_last=channels_last)
+    for c, (expected, state) in enumerate(serial):
+        result, got = batched[c]
+        assert result.steps == expected.steps == 4
+        assert result.loss == pytest.approx(expected.loss, rel=1e-5)
+        for key, value in state.items():
+            if value.is_floating_point():  # measured: at most 3e-6
+                assert _rel(value, got[key]) < 1e-4, (c, key, _rel(value, got[key]))
+            else:  # num_batches_tracked: start + steps, per client
+                assert torch.equal(value, got[key]), (c, key)
+        for key in remember:  # fp16: measured at most 5e-5
+            assert result.last_grads[key].dtype == torch.float16
+            assert _rel(expected.last_grads[key], result.last_grads[key]) < 1e-3, (c, key)
+
+
+def test_channels_last_input_holds_the_same_values_as_nchw():
+    model, starts, x, y, norm = _setup("smallcnn", clients=3)
+    samples = x[:, :7].reshape(21, *x.shape[2:])
+    gens = [torch.Generator().manual_seed(c) for c in range(3)]
+    nchw = ClientGroup(model, 3, channels_last=False)._inputs(samples, norm, gens)
+    gens = [torch.Generator().manual_seed(c) for c in range(3)]
+    nhwc = ClientGroup(model, 3, channels_last=True)._inputs(samples, norm, gens)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(nchw, nhwc)
+    assert nchw.shape == (7, 9, 16, 16)
+    # client 1's channels are its own samples, prepared as local_train prepares them
+    from ray_lips.data.augment import prepare_batch
+
+    own = prepare_batch(x[1, :7], norm.mean, norm.std, augment=True,
+                        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(nchw[:, 3:6], own)
+
+
+def test_a_clients_result_does_not_depend_on_its_slot_or_its_neighbours():
+    model, starts, x, y, norm = _setup("smallcnn", clients=8)
+    remember = eligible_parameter_names(model)
+    first = _batched(model, starts, x, y, norm, SETTINGS, remember, members=[0, 1, 2, 3, 4])
+    for members in ([7, 6, 0, 5, 4], [5, 6, 7, 1, 0], [0]):
+        other = _batched(model, starts, x, y, norm, SETTINGS, remember, members=members,
+                         slots=5)
+        result, state = other[0]
+        assert result.loss == first[0][0].loss
+        for key, value in first[0][1].items():
+            assert torch.equal(value, state[key]), (members, key)
+        for key in remember:
+            assert torch.equal(first[0][0].last_grads[key], result.last_grads[key])
+
+
+def test_per_client_gradient_clipping_matches_local_train():
+    settings = LocalSettings(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0,
+                             grad_clip=0.5)
+    model, starts, x, y, norm = _setup("smallcnn", clients=3)
+    serial = _serial(model, starts, x, y, norm, settings, None)
+    batched = _batched(model, starts, x, y, norm, settings, None, channels_last=False)
+    for c, (_, state) in enumerate(serial):
+        for key, value in state.items():
+            if value.is_floating_point():
+                assert _rel(value, batched[c][1][key]) < 1e-4, key
+
+
+def test_bf16_precision_trains_in_both_modes():
+    settings = LocalSettings(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0,
+                             precision="bf16")
+    model, starts, x, y, norm = _setup("smallcnn", clients=2)
+    serial = _serial(model, starts, x, y, norm, settings, None)
+    batched = _batched(model, starts, x, y, norm, settings, None)
+    for c in range(2):
+        assert batched[c][0].loss == pytest.approx(serial[c][0].loss, rel=0.05)
+
+
+def test_models_that_mix_channels_are_not_batched():
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            return x.flip(1)
+
+    assert supports(build_model("vgg11_bn", (3, 8, 8), 10))
+    assert not supports(nn.Sequential(nn.Conv2d(3, 4, 3), Shuffle(), nn.Flatten()))
+
+
+# ----- through the pool ---------------------------------------------------------------------
+@pytest.fixture
+def groups_of(monkeypatch):
+    """Make pools use groups of ``n`` clients (on CPU they default to 1)."""
+    import ray_lips.pool
+
+    def use(n: int) -> None:
+        monkeypatch.setattr(ray_lips.pool, "batch_clients", lambda cfg, device: n)
+
+    return use
+
+
+def _pool_pair(tiny_config, **train):
+    tiny_config["train"].update(train)
+    tiny_config["resources"]["pools"] = 1
+    cfg = validate_config(tiny_config)
+    from ray_lips.data import load_dataset
+
+    dataset = load_dataset(cfg.data)
+    payload = build_payloads(cfg, dataset, [list(range(cfg.data.clients))])[0]
+    model = initial_model(cfg, tuple(dataset.sample_shape), dataset.num_classes)
+    state = model.state_dict()
+    pools = []
+    for batched in (False, True):
+        tree = cfg.to_dict()
+        tree["train"]["batched"] = batched
+        pools.append(ClientPool(tree, payload))
+    return cfg, pools, state
+
+
+def test_pool_rounds_match_in_both_modes_including_the_lips_handout(tiny_config, groups_of):
+    groups_of(3)  # 4 participants: a full group and one padded with two throw-away copies
+    cfg, pools, state = _pool_pair(tiny_config, batch_size=16)  # 40 = 16 + 16 + 8
+    assert [p.batched for p in pools] == [False, True]
+    participants = [0, 2, 3, 5]
+    out = []
+    for pool in pools:
+        pool.set_global(-1, state, 1.0)
+        first = pool.train_round(0, participants, 160, evaluate=True)
+        new_state = to_state(first["sum"], state)
+        pool.set_global(0, new_state, 0.5)  # sparse hand-out from each client's own gradient
+        sparse = {c: pool.handout_state(c) for c in participants}
+        second = pool.train_round(1, participants, 160, evaluate=True)
+        handed = pool.handout(1, to_state(second["sum"], state), 0.5, participants, True)
+        out.append((first, second, sparse, pool.grads, handed))
+    (f0, s0, h0, g0, e0), (f1, s1, h1, g1, e1) = out
+    assert e0["acc_test"] == e1["acc_test"]  # the global model on the test split, in both
+    for ra, rb in zip(e0["clients"], e1["clients"], strict=True):
+        assert ra["client"] == rb["client"] and set(ra) == set(rb)
+        assert abs(ra["acc_global"] - rb["acc_global"]) <= 0.1
+        assert abs(ra["acc_after"] - rb["acc_after"]) <= 0.1
+    for a, b in ((f0, f1), (s0, s1)):
+        assert [r["client"] for r in a["clients"]] == [r["client"] for r in b["clients"]]
+        for ra, rb in zip(a["clients"], b["clients"], strict=True):
+            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
+            assert abs(rb["acc_before"] - ra["acc_before"]) <= 0.1
+        sa, sb = to_state(a["sum"], state), to_state(b["sum"], state)
+        for key, value in sa.items():
+            if value.is_floating_point():
+                assert _rel(value, sb[key]) < 1e-2, key
+    for c in participants:  # both modes zero (nearly) the same entries in the hand-out
+        for key in pools[0].eligible:
+            zeros0, zeros1 = h0[c][key] == 0, h1[c][key] == 0
+            assert (zeros0 != zeros1).float().mean() < 0.02
+            assert _rel(g0[c][key], g1[c][key]) < 0.1
+
+
+def test_clients_with_different_sample_counts_train_in_their_own_groups(tiny_config, groups_of):
+    groups_of(3)
+    tiny_config["resources"]["pools"] = 1
+    cfg = validate_config(tiny_config)
+    torch.manual_seed(0)
+    shards = [ClientShard(c, torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,)),
+                          torch.rand(10, 1, 8, 8), torch.randint(0, 10, (10,)))
+              for c, n in enumerate([40, 24, 40, 24, 17, 40])]
+    payload = PoolPayload(0, shards, Normalisation((0.5,), (0.3,), False), (1, 8, 8), 10)
+    serial_tree, batched_tree = cfg.to_dict(), cfg.to_dict()
+    serial_tree["train"]["batched"], batched_tree["train"]["batched"] = False, True
+    serial, batched = ClientPool(serial_tree, payload), ClientPool(batched_tree, payload)
+    assert batched.plan_groups(list(range(6))) == [[0, 2, 5], [1, 3], [4]]
+    model = build_model(cfg.model, (1, 8, 8), 10)
+    for pool in (serial, batched):
+        pool.set_global(-1, model.state_dict(), 1.0)
+    total = sum(s.x_train.shape[0] for s in shards)
+    a = serial.train_round(0, list(range(6)), total, evaluate=False)
+    b = batched.train_round(0, list(range(6)), total, evaluate=False)
+    for ra, rb in zip(a["clients"], b["clients"], strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
+    sa, sb = to_state(a["sum"], model.state_dict()), to_state(b["sum"], model.state_dict())
+    for key, value in sa.items():
+        if value.is_floating_point():
+            assert _rel(value, sb[key]) < 1e-2, key
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_batched_runs_give_the_same_numbers_with_one_or_three_pools(tmp_path, tiny_config,
+                                                                    groups_of, group):
+    import pandas as pd
+
+    from ray_lips.experiment import run_local
+
+    groups_of(group)  # 6 clients: 1 pool has groups of 4 + 2; 3 pools, groups of 2 (padded)
+
+    tiny_config["train"].update(batched=True, rounds=3)
+    frames = []
+    for pools in (1, 3):
+        tiny_config["resources"]["pools"] = pools
+        run_local(validate_config(tiny_config), tmp_path / f"p{pools}")
+        frames.append({name: pd.read_parquet(tmp_path / f"p{pools}" / name)
+                       .drop(columns="seconds", errors="ignore")
+                       for name in ("rounds.parquet", "layers.parquet", "clients.parquet")})
+    for name, frame in frames[0].items():
+        pd.testing.assert_frame_equal(frame, frames[1][name], check_exact=True)
+
+
+def test_group_size_comes_from_the_config_and_the_device_not_the_pool(tiny_config):
+    tiny_config["data"]["clients"] = 100
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cfg = validate_config(tiny_config)
+    assert batch_clients(cfg, cpu) == 1
+    assert batch_clients(cfg, cuda) == 25  # 100 participants, at most 32 a group: 4 of 25
+    tiny_config["train"]["participation"] = 0.1
+    assert batch_clients(validate_config(tiny_config), cuda) == 10
+    if "batch_clients" in type(cfg.train).model_fields:
+        tiny_config["train"]["batch_clients"] = 16
+        assert batch_clients(validate_config(tiny_config), cpu) == 10

@@ -11,9 +11,11 @@ One run measures, on the same workload (the paper's client shape: 100 clients x 
   clients (25 of the 50 a pool hosts).
 
 Each measurement runs in a fresh interpreter (clean peak RSS, its own Ray), warms up with one
-round (round 0, which also evaluates), then times ``--rounds`` rounds without evaluation. The
-table gives seconds per round, the ratio to the floor, the overhead (round time minus the
-slowest pool's time inside local training) and peak RSS of the driver and the pools.
+round (round 0, which also evaluates), then times ``--rounds`` rounds without evaluation and
+keeps the fastest (the machine may be shared; ``--quiet`` waits for a low load average before
+each measurement, and the table shows the load during it). The table gives seconds per round,
+the ratio to the floor, the overhead (round time minus the slowest pool's time inside local
+training) and peak RSS of the driver and the pools.
 
     python benchmarks/bench_rounds.py --quick               # a few minutes on 2 CPUs
     python benchmarks/bench_rounds.py                        # smallcnn and resnet8, paper shape
@@ -32,7 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit, load, markdown_table, peak_rss_mb, run_worker, start_ray  # noqa: E402
+from common import (  # noqa: E402
+    emit,
+    load,
+    markdown_table,
+    peak_rss_mb,
+    run_worker,
+    start_ray,
+    wait_for_quiet,
+)
 
 MODES = [  # (label, pools, batched, group): group None = the default for the device
     ("ray-lips, one at a time", 1, False, None),
@@ -98,7 +108,7 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     one_round(0, shards[:2])  # warm-up
     times = [one_round(r, shards) for r in range(1, job["rounds"] + 1)]
-    return {"s_round": sum(times) / len(times), "train_s": sum(times) / len(times),
+    return {"s_round": min(times), "train_s": min(times), "rounds_s": times,
             "driver_rss": peak_rss_mb(), "pool_rss": 0.0, "load": load()}
 
 
@@ -134,17 +144,20 @@ def ray_worker(job: dict[str, Any]) -> dict[str, Any]:
         run = FederatedRun(cfg.to_dict(), run_dir, make_pools=RayPoolFactory(cfg.resources))
         try:
             run.run_round()  # warm-up (also evaluates)
-            before = run.pools.call("stats")
-            started = time.perf_counter()
+            rounds = []  # (seconds, the slowest pool's seconds in local training)
             for _ in range(job["rounds"]):
+                before = run.pools.call("stats")
+                started = time.perf_counter()
                 run.run_round()
-            seconds = (time.perf_counter() - started) / job["rounds"]
-            after = run.pools.call("stats")
+                seconds = time.perf_counter() - started
+                after = run.pools.call("stats")
+                rounds.append((seconds, max(a["train_s"] - b["train_s"]
+                                            for a, b in zip(after, before, strict=True))))
         finally:
             run.close()
-    train = max(a["train_s"] - b["train_s"] for a, b in zip(after, before, strict=True))
-    return {"s_round": seconds, "train_s": train / job["rounds"], "driver_rss": peak_rss_mb(),
-            "pool_rss": max(a["peak_rss_mb"] for a in after),
+    seconds, train = min(rounds)
+    return {"s_round": seconds, "train_s": train, "rounds_s": [r[0] for r in rounds],
+            "driver_rss": peak_rss_mb(), "pool_rss": max(a["peak_rss_mb"] for a in after),
             "group_size": int(after[0]["group_size"]) if after[0]["batched"] else "-",
             "load": load()}
 
@@ -165,6 +178,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 group = max(1, size["clients"] // pools // 2)
             job = {"kind": kind, "config": config, "cpus": args.cpus, "device": args.device,
                    "rounds": args.rounds, "group": group}
+            if args.quiet:
+                wait_for_quiet(args.quiet)
             result = run_worker(__file__, job)
             result.update(model=model, label=label, pools=pools if kind == "ray" else 0,
                           threads=args.cpus // pools)
@@ -184,7 +199,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     r.get("group_size", "-"), r["s_round"], r["s_round"] / floor,
                     floor / r["s_round"], overhead, r["driver_rss"],
                     r["pool_rss"] or "-", r["load"]])
-    header = ["model", "mode", "pools", "threads/pool", "group", "s/round", "x floor",
+    header = ["model", "mode", "pools", "threads/pool", "group", "s/round (best)", "x floor",
               "speed-up", "overhead s/round", "driver peak MB", "pool peak MB", "load avg"]
     return markdown_table(header, out)
 
@@ -196,7 +211,10 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPU threads of the whole run")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per measurement")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timed rounds per measurement (the fastest is reported)")
+    parser.add_argument("--quiet", type=float, default=0.0,
+                        help="before each measurement wait (<= 15 min) for a load below this")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -33,6 +33,17 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def wait_for_quiet(threshold: float, max_wait_s: float = 900.0) -> float:
+    """Wait (up to ``max_wait_s``) until the 1-minute load average drops below ``threshold``;
+    return it. On a shared machine other jobs' threads otherwise stall multi-threaded steps."""
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    while load() >= threshold and time.monotonic() < deadline:
+        time.sleep(15)
+    return load()
+
+
 def run_worker(script: str, job: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run ``script --worker JOB`` in a fresh interpreter and return its JSON result.
 

@@ -22,8 +22,13 @@ def _config(tmp_path: Path, tree: dict, **train) -> Path:
     return path
 
 
+# One torch thread per CLI process: on a busy 2-core machine, OpenMP threads competing for
+# cores can slow a tiny run by orders of magnitude.
+ENV = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+
+
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = ENV
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -51,7 +56,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_config):
     straight_dir = Path(straight.stdout.strip().splitlines()[-1])
 
     proc = subprocess.Popen([*CLI, "run", str(path), "--local"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     run_dir = None
     while time.time() < deadline:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,6 +76,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(10, ge=1)
     eval_test_samples: int = Field(2000, ge=0)
     batched: bool | Literal["auto"] = "auto"
+    batch_clients: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
 
 

@@ -4,7 +4,9 @@ One run measures, on the same workload (the paper's client shape: 100 clients x 
 5 local epochs, batch 100, synthetic 3x32x32 data, LIPS d0 = 0.5, T = 5):
 
 - floor: the same clients' ``local_train`` one after another in one process: no Ray, no
-  aggregation, no hand-out, all CPU threads (``--cpus``);
+  aggregation, no hand-out, all CPU threads (``--cpus``), with the malloc thresholds every
+  pool sets (``ray_lips.allocator``); and once more with glibc's defaults, to show what that
+  setting is worth;
 - ray-lips on a private local Ray with 1 pool (``--cpus`` threads) and 2 pools (half each),
   training one client at a time (``train.batched=false``) and batched (``true``) with the
   device's default group size (1 on CPU, up to 32 on CUDA) and in groups of half a pool's
@@ -20,6 +22,7 @@ training) and peak RSS of the driver and the pools.
     python benchmarks/bench_rounds.py --quick               # a few minutes on 2 CPUs
     python benchmarks/bench_rounds.py                        # smallcnn and resnet8, paper shape
     python benchmarks/bench_rounds.py --models vgg11_bn --device cuda   # on a GPU box
+    python benchmarks/bench_rounds.py --models vgg11_bn --device cuda --no-ray   # ... without Ray
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ MODES = [  # (label, pools, batched, group): group None = the default for the de
 
 
 def workload(model: str, clients: int, samples: int, epochs: int, pools: int, cpus: int,
-             device: str, batched: bool, precision: str = "fp32") -> dict[str, Any]:
+             device: str, batched: bool, precision: str = "fp32",
+             group: int | None = None) -> dict[str, Any]:
     """A run config for the benchmark: evaluation and checkpoints only in the warm-up round."""
     gpus = 1.0 / pools if device == "cuda" else 0.0
     return {
@@ -66,7 +70,7 @@ def workload(model: str, clients: int, samples: int, epochs: int, pools: int, cp
         "train": {"rounds": 1000, "local_epochs": epochs, "batch_size": 100, "lr": 0.1,
                   "momentum": 0.9, "eval_every": 1000, "eval_test_samples": 0,
                   "checkpoint_every": 1000, "finetune_epochs": 0, "batched": batched,
-                  "precision": precision},
+                  "batch_clients": group or "auto", "precision": precision},
         "lips": {"sparsity": 0.5, "period": 5},
         "resources": {"pools": pools, "cpus_per_pool": cpus / pools, "gpus_per_pool": gpus,
                       "timeout_s": 3600},
@@ -78,6 +82,7 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The floor: local_train of every client of one round, one after another, nothing else."""
     import torch
 
+    from ray_lips.allocator import keep_buffers_in_heap
     from ray_lips.config import validate_config
     from ray_lips.data import load_dataset
     from ray_lips.experiment import build_payloads, initial_model
@@ -86,6 +91,8 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
     from ray_lips.training import local_train
 
     torch.set_num_threads(job["cpus"])
+    if job["tuned_malloc"]:
+        keep_buffers_in_heap()  # as every ClientPool does
     cfg = validate_config(job["config"])
     dataset = load_dataset(cfg.data)
     payload = build_payloads(cfg, dataset, [list(range(cfg.data.clients))])[0]
@@ -106,42 +113,30 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    one_round(0, shards[:2])  # warm-up
+    one_round(0, shards)  # warm-up: a whole round, as for ray-lips
     times = [one_round(r, shards) for r in range(1, job["rounds"] + 1)]
     return {"s_round": min(times), "train_s": min(times), "rounds_s": times,
             "driver_rss": peak_rss_mb(), "pool_rss": 0.0, "load": load()}
-
-
-def fixed_group_pool(group: int) -> type:
-    """ClientPool with ``group`` clients per batched group, whatever the device (a stand-in
-    for the ``train.batch_clients`` config key). Defined here, in ``__main__``, so Ray ships
-    the class to the pool actors by value."""
-    from ray_lips.pool import ClientPool
-
-    class FixedGroupPool(ClientPool):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.group_size, self._group = group, None
-
-    return FixedGroupPool
 
 
 def ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     """ray-lips on a private local Ray: a warm-up round, then timed rounds."""
     import torch
 
-    import ray_lips.ray_pools
     from ray_lips.config import ExperimentConfig
     from ray_lips.experiment import FederatedRun
-    from ray_lips.ray_pools import RayPoolFactory
+    from ray_lips.pools import local_pools
 
-    if job.get("group"):
-        ray_lips.ray_pools.ClientPool = fixed_group_pool(job["group"])
     torch.set_num_threads(job["cpus"])
-    start_ray(job["cpus"], 1 if job["device"] == "cuda" else 0)
     cfg = ExperimentConfig.model_validate(job["config"])
+    make_pools = local_pools  # in this process, pools one after another (--no-ray)
+    if not job["no_ray"]:
+        from ray_lips.ray_pools import RayPoolFactory
+
+        start_ray(job["cpus"], 1 if job["device"] == "cuda" else 0)
+        make_pools = RayPoolFactory(cfg.resources)
     with tempfile.TemporaryDirectory() as run_dir:
-        run = FederatedRun(cfg.to_dict(), run_dir, make_pools=RayPoolFactory(cfg.resources))
+        run = FederatedRun(cfg.to_dict(), run_dir, make_pools=make_pools)
         try:
             run.run_round()  # warm-up (also evaluates)
             rounds = []  # (seconds, the slowest pool's seconds in local training)
@@ -170,18 +165,24 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     for model in args.models.split(","):
         base = dict(model=model, **size, cpus=args.cpus, device=args.device,
                     precision=args.precision)
-        jobs = [("floor: local_train one at a time, no Ray", 1, False, None, "floor")]
-        jobs += [(*mode, "ray") for mode in MODES]
+        jobs = [("floor: local_train one at a time, no Ray", 1, False, None, "floor"),
+                ("(floor, glibc's default malloc thresholds)", 1, False, None, "floor-glibc")]
+        modes = [m for m in MODES if m[1] == 1] if args.no_ray else MODES
+        jobs += [(*mode, "ray") for mode in modes]
         for label, pools, batched, group, kind in jobs:
-            config = workload(pools=pools, batched=batched, **base)
             if group == "half":  # 100 clients, 2 pools: groups of 25
                 group = max(1, size["clients"] // pools // 2)
-            job = {"kind": kind, "config": config, "cpus": args.cpus, "device": args.device,
-                   "rounds": args.rounds, "group": group}
+            config = workload(pools=pools, batched=batched, group=group, **base)
+            job = {"kind": kind.split("-")[0], "config": config, "cpus": args.cpus,
+                   "device": args.device, "rounds": args.rounds, "group": group,
+                   "tuned_malloc": kind != "floor-glibc", "no_ray": args.no_ray}
             if args.quiet:
                 wait_for_quiet(args.quiet)
             result = run_worker(__file__, job)
-            result.update(model=model, label=label, pools=pools if kind == "ray" else 0,
+            if args.no_ray and kind == "ray":
+                label = label.replace("ray-lips", "ray-lips without Ray (in-process pool)")
+            result.update(model=model, label=label, kind=kind,
+                          pools=pools if kind == "ray" else 0,
                           threads=args.cpus // pools)
             rows.append(result)
             print(f"  {model:9s} {label:42s} pools={result['pools']} "
@@ -191,7 +192,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = []
-    floors = {r["model"]: r["s_round"] for r in rows if r["pools"] == 0}
+    floors = {r["model"]: r["s_round"] for r in rows if r["kind"] == "floor"}
     for r in rows:
         floor = floors[r["model"]]
         overhead = r["s_round"] - r["train_s"]
@@ -215,6 +216,9 @@ def main() -> None:
                         help="timed rounds per measurement (the fastest is reported)")
     parser.add_argument("--quiet", type=float, default=0.0,
                         help="before each measurement wait (<= 15 min) for a load below this")
+    parser.add_argument("--no-ray", action="store_true",
+                        help="pools in this process instead of Ray actors (1-pool rows only), "
+                             "for machines without Ray")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

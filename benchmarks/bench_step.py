@@ -7,7 +7,9 @@ training step (forward, backward, SGD with momentum) of
 - the batched wide model (``ray_lips.batched.ClientGroup``) with groups of G clients, NCHW and
   channels-last; per client = step time / G.
 
-Best of ``--repeats`` after a warm-up, so other work on the machine disturbs it little.
+Best of ``--repeats`` after a warm-up, so other work on the machine disturbs it little. A
+second table gives each workload's FLOPs per step, the rate one client at a time reaches, and
+the rate of a large convolution on the same threads: how much any batching could still gain.
 
     python benchmarks/bench_step.py                        # CPU, 1 and 2 threads
     python benchmarks/bench_step.py --device cuda --groups 1,8,25,50,100 --threads 0
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table  # noqa: E402
 
+from ray_lips.allocator import keep_buffers_in_heap  # noqa: E402
 from ray_lips.batched import ClientGroup, _client_losses, _SlotwiseSGD  # noqa: E402
 from ray_lips.models import build_model  # noqa: E402
 from ray_lips.training import Normalisation  # noqa: E402
@@ -52,6 +55,33 @@ def best_ms(step: Callable[[], None], repeats: int, device: torch.device) -> flo
 
     timed()
     return 1000 * min(timed() for _ in range(repeats))
+
+
+def step_gflop(model: nn.Module, shape: tuple[int, ...], batch: int,
+               device: torch.device) -> float:
+    """Floating-point work of one training step (forward and backward, convolutions and
+    matrix products as counted by torch's FlopCounterMode), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def conv_gflops(device: torch.device, repeats: int) -> float:
+    """The rate this machine's convolution kernels reach on a large layer (3x3, 256 -> 256
+    channels, 32x32, batch 16, channels-last, forward): what the arithmetic of a training step
+    could run at if nothing else cost time."""
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(16, 256, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ms = best_ms(lambda: conv(x), max(repeats, 5), device)
+    return 2 * 256 * 256 * 9 * 32 * 32 * 16 / (ms / 1000) / 1e9
 
 
 def serial_ms(model: nn.Module, shape: tuple[int, ...], batch: int, channels_last: bool,
@@ -98,14 +128,19 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(str(i) for i in range(len(WORKLOADS))),
                         help="indices into the workload list")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="keep glibc's default mmap/trim thresholds (pools raise them)")
     args = parser.parse_args()
+    if not args.glibc_malloc:
+        keep_buffers_in_heap()
     device = torch.device(args.device)
     groups = [int(g) for g in args.groups.split(",")]
     names = [list(WORKLOADS)[int(i)] for i in args.workloads.split(",")]
-    rows = []
+    rows, bounds = [], []
     for threads in (int(t) for t in args.threads.split(",")):
         if threads:
             torch.set_num_threads(threads)
+        peak = conv_gflops(device, args.repeats)
         for name in names:
             model_name, shape, batch = WORKLOADS[name]
             model = build_model(model_name, shape, 10).to(device)
@@ -119,6 +154,10 @@ def main() -> None:
                 row.append(group_ms(model, shape, batch, clients, True, device, args.repeats)
                            if image else "-")
             rows.append(row)
+            best_single = min(v for v in row[2:4] if isinstance(v, float))
+            work = step_gflop(model, shape, batch, device)
+            rate = work / (best_single / 1000)
+            bounds.append([name, row[1], work, rate, peak, rate / peak, peak / rate])
             print(" | ".join(str(v if not isinstance(v, float) else round(v, 1))
                              for v in row), flush=True)
     header = ["workload", "threads", "local_train NCHW", "local_train NHWC"]
@@ -127,6 +166,11 @@ def main() -> None:
     print()
     print("ms per client per step (lower is better)")
     print(markdown_table(header, rows))
+    print()
+    print("how close one client at a time already is to the rate of a large convolution")
+    print(markdown_table(["workload", "threads", "GFLOP per step", "GFLOP/s one at a time",
+                          "GFLOP/s large conv", "fraction of large-conv rate",
+                          "speed-up bound (all FLOPs at large-conv rate)"], bounds))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,19 @@ def set_key(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of :func:`set_key`: ``{"lips": {"sparsity": 0.5}}`` ->
+    ``{"lips.sparsity": 0.5}``; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_keys(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
     """Return a copy of ``tree`` with ``key=value`` overrides applied."""
     tree = copy.deepcopy(tree)

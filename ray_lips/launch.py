@@ -20,10 +20,15 @@ from ray_lips.results import RunWriter
 
 
 class Progress:
-    """One status line per run: round, accuracies, seconds per round, ETA."""
+    """One status line per run: round, accuracies, seconds per round, ETA.
 
-    def __init__(self, label: str, rounds: int, stream=sys.stderr):
+    ``already_done``: rounds a resumed run had finished before this process started; the
+    seconds per round (and so the ETA) count only the rounds run since.
+    """
+
+    def __init__(self, label: str, rounds: int, stream=sys.stderr, already_done: int = 0):
         self.label, self.rounds, self.stream = label, rounds, stream
+        self.already_done = already_done
         self.tty = stream.isatty()
         self.every = 1 if self.tty else max(1, rounds // 20)
         self.last_acc: dict[str, float] = {}
@@ -34,7 +39,7 @@ class Progress:
                 self.last_acc[key] = row[key]
         if not (self.tty or done % self.every == 0 or done == self.rounds):
             return
-        per_round = elapsed / max(done, 1)
+        per_round = elapsed / max(done - self.already_done, 1)
         eta = per_round * (self.rounds - done)
         width = 20
         filled = int(width * done / self.rounds)
@@ -74,12 +79,13 @@ def run_on_ray(runs: list[tuple[str, ExperimentConfig, Path]],
     cfgs = {label: cfg for label, cfg, _ in runs}
     writers = {label: RunWriter(run_dir) for label, _, run_dir in runs}
     timeout = max(cfg.resources.timeout_s for cfg in cfgs.values())
-    progress = {label: Progress(label, cfg.train.rounds) for label, cfg in cfgs.items()}
-    started = time.perf_counter()
     summaries: dict[str, dict[str, Any]] = {}
     try:
         status = ray.get([d.summary.remote() for d in drivers.values()], timeout=timeout)
         done = {lbl: s["rounds_done"] for lbl, s in zip(drivers, status, strict=True)}
+        progress = {lbl: Progress(lbl, cfg.train.rounds, already_done=done[lbl])
+                    for lbl, cfg in cfgs.items()}
+        started = time.perf_counter()
         active = [lbl for lbl in drivers if done[lbl] < cfgs[lbl].train.rounds]
         while active:
             rows = ray.get([drivers[lbl].run_round.remote() for lbl in active], timeout=timeout)

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ray_lips.config import flatten_keys
+
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 TUNE_PARAMS = "params.json"
@@ -115,18 +117,10 @@ def _run_ids(found: list[tuple[Path, Path]], roots: list[Path]) -> list[str]:
 
 
 # ----- reading one run -----------------------------------------------------------------------
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become tuples so columns stay hashable."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, list):
-            flat[name] = tuple(value)
-        else:
-            flat[name] = value
-    return flat
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """Dotted config keys; lists become tuples so the columns stay hashable."""
+    return {key: tuple(value) if isinstance(value, list) else value
+            for key, value in flatten_keys(tree).items()}
 
 
 def tune_error(path: Path, root: Path) -> str | None:

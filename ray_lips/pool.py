@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ray_lips.aggregate import DivergenceError, FixedSum, add_client
+from ray_lips.allocator import keep_buffers_in_heap
 from ray_lips.batched import ClientGroup, supports
 from ray_lips.config import ExperimentConfig
 from ray_lips.models import build_model, eligible_parameter_names
@@ -102,8 +103,8 @@ def batch_clients(cfg: ExperimentConfig, device: torch.device) -> int:
 
 def wants_batched(cfg: ExperimentConfig, model: torch.nn.Module) -> bool:
     """``train.batched``: true, false, or "auto": the batched path whenever the model supports
-    it. On CPU its default groups of one client, channels-last, were 1.1-1.6x faster than
-    ``local_train`` (NCHW) for every measured model; on CUDA grouping is what pays."""
+    it. On CPU its default groups of one client, channels-last, made rounds 1.2-1.4x faster
+    than ``local_train`` (NCHW) (benchmarks/README.md); on CUDA grouping is what pays."""
     choice = cfg.train.batched
     if choice is False:
         return False
@@ -127,6 +128,7 @@ class ClientPool:
     def __init__(self, config: dict[str, Any], payload: PoolPayload, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        keep_buffers_in_heap()
         self.cfg = ExperimentConfig.model_validate(config)
         self.device = pick_device(self.cfg.resources.gpus_per_pool)
         self.pool_id = payload.pool_id

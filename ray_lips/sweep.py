@@ -33,6 +33,7 @@ from ray_lips.config import (
     ConfigError,
     ExperimentConfig,
     apply_overrides,
+    flatten_keys,
     read_yaml,
     set_key,
     validate_config,
@@ -114,18 +115,6 @@ class SweepSpec:
 
 
 # ----- small helpers --------------------------------------------------------------------------
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"lips": {"sparsity": 0.5}}`` -> ``{"lips.sparsity": 0.5}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def trial_config(base: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
     """The base config tree with dotted overrides applied (a new tree)."""
     tree = copy.deepcopy(base)
@@ -226,7 +215,7 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 
 def _parse_grid(base: dict[str, Any], raw: Any, where: str) -> dict[str, list[Any]]:
-    grid = flatten(_mapping(raw, where))
+    grid = flatten_keys(_mapping(raw, where))
     for key, values in grid.items():
         here = f"{where}.{key}"
         _check_key(key, here)
@@ -250,7 +239,7 @@ def _parse_variant(base: dict[str, Any], raw: Any, where: str) -> list[Overrides
         raise SpecError(f"{where}: expected a mapping of config overrides, got {raw!r}")
     raw = dict(raw)
     grid = _parse_grid(base, raw.pop("grid", None), f"{where}.grid")
-    fixed = flatten(raw)
+    fixed = flatten_keys(raw)
     for key, value in fixed.items():
         _check_key(key, f"{where}.{key}")
         _check_value(base, key, value, f"{where}.{key}")
@@ -298,7 +287,7 @@ def _parse_random(base: dict[str, Any], section: dict[str, Any]) -> list[Dimensi
     dims: list[Dimension] = []
     for kind in ("choice", "uniform", "loguniform"):
         where = f"sweep.{kind}"
-        for key, values in flatten(_mapping(section.get(kind), where)).items():
+        for key, values in flatten_keys(_mapping(section.get(kind), where)).items():
             here = f"{where}.{key}"
             _check_key(key, here)
             if not isinstance(values, list) or not values:

@@ -25,3 +25,18 @@ def test_ray_run_matches_the_in_process_run(ray_local, tmp_path, tiny_config):
         b = pd.read_parquet(tmp_path / "local" / name).drop(columns="seconds", errors="ignore")
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert summaries["lips"]["acc_global_window"] == local["acc_global_window"]
+
+
+def test_progress_eta_of_a_resumed_run_counts_only_the_rounds_run_now():
+    import io
+
+    from ray_lips.launch import Progress
+
+    stream = io.StringIO()
+    progress = Progress("run", rounds=100, stream=stream, already_done=50)
+    progress.update({"acc_global": 0.5}, elapsed=10.0, done=55)  # 5 rounds in 10 s
+    progress.update({"acc_global": 0.6}, elapsed=20.0, done=60)
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "round 60/100" in line
+    assert "2.00 s/round" in line and "ETA 80 s" in line
+    assert "acc_global 0.600" in line

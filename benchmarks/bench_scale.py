@@ -127,12 +127,13 @@ def main() -> None:
                      median, median / base, statistics.median(r["evaluate"][1:]),
                      statistics.median(r["overhead"][1:]),
                      r["seconds"][0], max(steady), r["setup_s"],
-                     r.get("finish_s", "-"), r["driver_peak"], r["pool_peak"],
+                     r.get("finish_s", "-"), r["driver_rss_after_setup"], r["driver_peak"],
+                     r["pool_peak"],
                      r["pool_rss"][-1] - r["pool_rss"][0], r["load"]])
     header = ["clients", "participants", "rounds", "training", "group", "s/round (median)",
               "x first", "evaluation s/round", "other s/round", "round 0 s", "slowest round s",
-              "setup s", "finish s", "driver peak MB", "pool peak MB", "pool RSS growth MB",
-              "load avg"]
+              "setup s", "finish s", "driver MB after setup", "driver peak MB", "pool peak MB",
+              "pool RSS growth MB", "load avg"]
     print()
     print(markdown_table(header, rows))
     if args.json:

@@ -21,7 +21,7 @@ from ray_lips.data import load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
 from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, layer_groups
-from ray_lips.pool import ClientShard, PoolPayload
+from ray_lips.pool import PoolPayload, unpack_shards
 from ray_lips.pools import PoolFactory, local_pools
 from ray_lips.results import RunWriter
 from ray_lips.schedule import density_at
@@ -59,15 +59,18 @@ def build_payloads(cfg: ExperimentConfig, dataset: ArrayDataset,
         test_split = (dataset.x_test[keep], dataset.y_test[keep])
     payloads = []
     for pool_id, block in enumerate(assignment):
-        shards = []
-        for client in block:
-            tr = torch.from_numpy(splits[client].train_idx)
-            te = torch.from_numpy(splits[client].test_idx)
-            shards.append(ClientShard(client, dataset.x_train[tr].clone(),
-                                      dataset.y_train[tr].clone(), dataset.x_test[te].clone(),
-                                      dataset.y_test[te].clone()))
-        payloads.append(PoolPayload(pool_id, shards, norm, tuple(dataset.sample_shape),
-                                    dataset.num_classes, test_split if pool_id == 0 else None))
+        packed: dict[str, Any] = {"clients": list(block)}
+        for split, x, y in (("train", dataset.x_train, dataset.y_train),
+                            ("test", dataset.x_test, dataset.y_test)):
+            index = [splits[c].train_idx if split == "train" else splits[c].test_idx
+                     for c in block]
+            rows = torch.from_numpy(np.concatenate(index)) if index else torch.zeros(0).long()
+            sizes = [len(i) for i in index]
+            packed.update({f"x_{split}": x[rows], f"y_{split}": y[rows],
+                           f"x_{split}_sizes": sizes, f"y_{split}_sizes": sizes})
+        payloads.append(PoolPayload(pool_id, unpack_shards(packed), norm,
+                                    tuple(dataset.sample_shape), dataset.num_classes,
+                                    test_split if pool_id == 0 else None))
     return payloads
 
 

@@ -8,7 +8,7 @@ neither training nor evaluating (aggregation, hand-out, orchestration), the setu
 (partition, payloads, pool start), peak RSS of driver and pools, and how much a pool's resident
 memory grew from round 1 to the last round.
 
-    python benchmarks/bench_scale.py                       # 20 rounds each, ~15 min on 2 CPUs
+    python benchmarks/bench_scale.py                       # 20 rounds each, ~9 min on 2 CPUs
     python benchmarks/bench_scale.py --rounds 5 --clients 1000,10000 --finish
 """
 

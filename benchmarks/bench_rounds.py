@@ -41,11 +41,12 @@ from common import (  # noqa: E402
     emit,
     load,
     markdown_table,
-    peak_rss_mb,
     run_worker,
     start_ray,
     wait_for_quiet,
 )
+
+from ray_lips.memory import peak_rss_mb  # noqa: E402
 
 MODES = [  # (label, pools, batched, group): group None = the default for the device
     ("ray-lips, one at a time", 1, False, None),

@@ -25,7 +25,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import emit, load, markdown_table, peak_rss_mb, rss_mb, run_worker, start_ray  # noqa: E402
+from common import emit, load, markdown_table, run_worker, start_ray  # noqa: E402
+
+from ray_lips.memory import current_rss_mb as rss_mb  # noqa: E402
+from ray_lips.memory import peak_rss_mb  # noqa: E402
 
 PARTICIPANTS = 100
 

@@ -9,7 +9,6 @@ global model the pool holds.
 from __future__ import annotations
 
 import math
-import resource
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from ray_lips.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.allocator import keep_buffers_in_heap
 from ray_lips.batched import ClientGroup, supports
 from ray_lips.config import ExperimentConfig
+from ray_lips.memory import current_rss_mb, peak_rss_mb
 from ray_lips.models import build_model, eligible_parameter_names
 from ray_lips.seeding import torch_generator
 from ray_lips.sparsify import GRADIENT_SCORERS, sparsify_state
@@ -409,7 +409,7 @@ class ClientPool:
                       for c, g in state.get("grads", {}).items() if int(c) in self.shards}
 
     def peak_rss_mb(self) -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
     @contextmanager
     def _timed(self, key: str) -> Iterator[None]:
@@ -423,17 +423,7 @@ class ClientPool:
         """For benchmarks: seconds spent so far in local training and in evaluation (both end
         with a device sync), current and peak resident memory, and the training mode."""
         return {"train_s": self.seconds["train"], "evaluate_s": self.seconds["evaluate"],
-                "rss_mb": _current_rss_mb(),
+                "rss_mb": current_rss_mb(),
                 "peak_rss_mb": self.peak_rss_mb(), "batched": float(self.batched),
                 "group_size": float(self.group_size)}
 
-
-def _current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")

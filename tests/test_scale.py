@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ray_lips.config import validate_config
 from ray_lips.experiment import FederatedRun
+from ray_lips.memory import current_rss_mb
 
 CLIENTS, PARTICIPATION = 2000, 0.01
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def scale_config(clients: int = CLIENTS, participation: float = PARTICIPATION) -> dict:
@@ -50,7 +42,7 @@ def test_rounds_with_2000_clients_train_only_their_participants(tmp_path):
             assert row["acc_after"] == row["acc_after"]  # evaluated (not NaN)
             # per-client state kept between rounds: only this round's participants' gradients
             assert sum(len(p.grads) for p in pools) == 20
-            rss.append(_rss_mb())
+            rss.append(current_rss_mb())
         assert run.round == 3 and len(run.rounds_rows) == 3
         assert rss[-1] - rss[0] < 100, rss  # no growth with rounds beyond allocator noise
     finally:

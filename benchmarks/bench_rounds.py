@@ -175,7 +175,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 group = max(1, size["clients"] // pools // 2)
             config = workload(pools=pools, batched=batched, group=group, **base)
             job = {"kind": kind.split("-")[0], "config": config, "cpus": args.cpus,
-                   "device": args.device, "rounds": args.rounds, "group": group,
+                   "device": args.device, "rounds": args.rounds,
                    "tuned_malloc": kind != "floor-glibc", "no_ray": args.no_ray}
             if args.quiet:
                 wait_for_quiet(args.quiet)

@@ -21,7 +21,7 @@ from ray_lips.data import load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
 from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, layer_groups
-from ray_lips.pool import PoolPayload, unpack_shards
+from ray_lips.pool import PackedShards, PoolPayload
 from ray_lips.pools import PoolFactory, local_pools
 from ray_lips.results import RunWriter
 from ray_lips.schedule import density_at
@@ -43,6 +43,13 @@ def sample_participants(cfg: ExperimentConfig, round_idx: int) -> list[int]:
     return sorted(rng.choice(clients, size=count, replace=False).tolist())
 
 
+def _gather(x: torch.Tensor, y: torch.Tensor,
+            index: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of several clients, one after another, in one indexing operation."""
+    rows = torch.from_numpy(np.concatenate(index)) if index else torch.zeros(0, dtype=torch.long)
+    return x[rows], y[rows]
+
+
 def build_payloads(cfg: ExperimentConfig, dataset: ArrayDataset,
                    assignment: list[list[int]]) -> list[PoolPayload]:
     d = cfg.data
@@ -59,18 +66,14 @@ def build_payloads(cfg: ExperimentConfig, dataset: ArrayDataset,
         test_split = (dataset.x_test[keep], dataset.y_test[keep])
     payloads = []
     for pool_id, block in enumerate(assignment):
-        packed: dict[str, Any] = {"clients": list(block)}
-        for split, x, y in (("train", dataset.x_train, dataset.y_train),
-                            ("test", dataset.x_test, dataset.y_test)):
-            index = [splits[c].train_idx if split == "train" else splits[c].test_idx
-                     for c in block]
-            rows = torch.from_numpy(np.concatenate(index)) if index else torch.zeros(0).long()
-            sizes = [len(i) for i in index]
-            packed.update({f"x_{split}": x[rows], f"y_{split}": y[rows],
-                           f"x_{split}_sizes": sizes, f"y_{split}_sizes": sizes})
-        payloads.append(PoolPayload(pool_id, unpack_shards(packed), norm,
-                                    tuple(dataset.sample_shape), dataset.num_classes,
-                                    test_split if pool_id == 0 else None))
+        train = [splits[c].train_idx for c in block]
+        test = [splits[c].test_idx for c in block]
+        x_train, y_train = _gather(dataset.x_train, dataset.y_train, train)
+        x_test, y_test = _gather(dataset.x_test, dataset.y_test, test)
+        data = PackedShards(list(block), x_train, y_train, x_test, y_test,
+                            [len(i) for i in train], [len(i) for i in test])
+        payloads.append(PoolPayload(pool_id, data, norm, tuple(dataset.sample_shape),
+                                    dataset.num_classes, test_split if pool_id == 0 else None))
     return payloads
 
 

@@ -49,68 +49,52 @@ class ClientShard:
                                           (self.x_train, self.y_train, self.x_test, self.y_test)))
 
 
-_SHARD_FIELDS = ("x_train", "y_train", "x_test", "y_test")
+@dataclass
+class PackedShards:
+    """A pool's clients' data as one tensor per field: client k's rows follow client k-1's.
 
+    Ten thousand small clients travel to a pool as four buffers, not 40,000 tensors.
+    """
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts)``, without the copy when the parts are back-to-back views of one
-    buffer that holds nothing else (as :func:`unpack_shards` and ``build_payloads`` make them)."""
-    first, last = parts[0], parts[-1]
-    storage = first.untyped_storage()
-    nbytes = sum(t.numel() for t in parts) * first.element_size()
-    adjacent = all(a.data_ptr() + a.numel() * a.element_size() == b.data_ptr()
-                   for a, b in zip(parts, parts[1:], strict=False))
-    if (adjacent and all(t.is_contiguous() for t in parts) and first.storage_offset() == 0
-            and storage.nbytes() == nbytes and last.untyped_storage().data_ptr()
-            == storage.data_ptr()):
-        rows = sum(int(t.shape[0]) for t in parts)
-        return first.new_empty(0).set_(storage, 0, (rows, *first.shape[1:]))
-    return torch.cat(parts)
+    clients: list[int]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    train_sizes: list[int]
+    test_sizes: list[int]
 
+    @classmethod
+    def from_shards(cls, shards: list[ClientShard]) -> PackedShards:
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(s, name) for s in shards])
 
-def pack_shards(shards: list[ClientShard]) -> dict[str, Any]:
-    """Shards as one tensor per field plus per-client lengths: what a payload pickles."""
-    packed: dict[str, Any] = {"clients": [s.client for s in shards]}
-    for name in _SHARD_FIELDS:
-        parts = [getattr(s, name) for s in shards]
-        packed[name] = _joined(parts) if parts else None
-        packed[f"{name}_sizes"] = [int(t.shape[0]) for t in parts]
-    return packed
+        return cls([s.client for s in shards], cat("x_train"), cat("y_train"), cat("x_test"),
+                   cat("y_test"), [int(s.x_train.shape[0]) for s in shards],
+                   [int(s.x_test.shape[0]) for s in shards])
 
-
-def unpack_shards(packed: dict[str, Any]) -> list[ClientShard]:
-    """The inverse of :func:`pack_shards`: shards that are views into the packed tensors."""
-    if not packed["clients"]:
-        return []
-    fields = [packed[name].split(packed[f"{name}_sizes"]) for name in _SHARD_FIELDS]
-    return [ClientShard(client, *parts) for client, *parts in zip(packed["clients"], *fields,
-                                                                   strict=True)]
+    def shards(self) -> list[ClientShard]:
+        """One shard per client, its tensors views into the packed ones."""
+        fields = (self.x_train.split(self.train_sizes), self.y_train.split(self.train_sizes),
+                  self.x_test.split(self.test_sizes), self.y_test.split(self.test_sizes))
+        return [ClientShard(client, *parts)
+                for client, *parts in zip(self.clients, *fields, strict=True)]
 
 
 @dataclass
 class PoolPayload:
-    """What the driver ships to one pool (once, through the object store).
-
-    Pickled with its shards packed into one tensor per field, so that 10,000 small clients
-    travel as four buffers (not 40,000 tensors) and arrive as views into them.
-    """
+    """What the driver ships to one pool (once, through the object store)."""
 
     pool_id: int
-    shards: list[ClientShard]
+    data: PackedShards
     norm: Normalisation
     sample_shape: tuple[int, ...]
     num_classes: int
     test_split: tuple[torch.Tensor, torch.Tensor] | None = None  # global test subset, pool 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["shards"] = pack_shards(state["shards"])
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["shards"] = unpack_shards(state["shards"])
-        self.__dict__.update(state)
+    @property
+    def shards(self) -> list[ClientShard]:
+        return self.data.shards()
 
 
 def pick_device(gpus_per_pool: float) -> torch.device:

@@ -14,7 +14,7 @@ from ray_lips.batched import ClientGroup, supports
 from ray_lips.config import validate_config
 from ray_lips.experiment import build_payloads, initial_model
 from ray_lips.models import build_model, eligible_parameter_names
-from ray_lips.pool import ClientPool, ClientShard, PoolPayload, batch_clients
+from ray_lips.pool import ClientPool, ClientShard, PackedShards, PoolPayload, batch_clients
 from ray_lips.training import LocalSettings, Normalisation, local_train
 
 SETTINGS = LocalSettings(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -258,7 +258,8 @@ def test_clients_with_different_sample_counts_train_in_their_own_groups(tiny_con
     shards = [ClientShard(c, torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,)),
                           torch.rand(10, 1, 8, 8), torch.randint(0, 10, (10,)))
               for c, n in enumerate([40, 24, 40, 24, 17, 40])]
-    payload = PoolPayload(0, shards, Normalisation((0.5,), (0.3,), False), (1, 8, 8), 10)
+    payload = PoolPayload(0, PackedShards.from_shards(shards),
+                          Normalisation((0.5,), (0.3,), False), (1, 8, 8), 10)
     serial_tree, batched_tree = cfg.to_dict(), cfg.to_dict()
     serial_tree["train"]["batched"], batched_tree["train"]["batched"] = False, True
     serial, batched = ClientPool(serial_tree, payload), ClientPool(batched_tree, payload)

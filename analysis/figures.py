@@ -3,6 +3,10 @@
 Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot), so they render
 headless on any machine and never touch a notebook's backend. Every ``*_figure`` function
 returns the Figure; :func:`save` writes it as PNG.
+
+Every method present gets its line (and its inertia panel), named by its full label; FedAvg is
+black, a LIPS hand-out is dashed. A method with no value for a metric (``acc_global`` of
+local-only, which has no global model) or no layer metrics simply has no line or panel.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import pandas as pd
 from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from analysis.tables import Table, gain_grid
-from ray_lips.loaders import load
+from analysis.loaders import load
+from analysis.methods import label_sort_key
+from analysis.tables import Table, gain_grid, lips_bases
 
 ELIGIBLE_COLOUR = "tab:red"
 FEDAVG_COLOUR = "black"
@@ -46,20 +51,26 @@ def _grid(count: int, width: float, height: float, ncols: int = 3) -> tuple[Figu
 
 
 def _method_sort(methods: Sequence[str]) -> list[str]:
-    return sorted(methods, key=lambda m: (m != "fedavg", m))
+    return sorted(dict.fromkeys(methods), key=label_sort_key)
 
 
-def _cycle() -> list:
+def _cycle(count: int = 10) -> list:
     from matplotlib import colormaps
 
-    return [colormaps["tab10"](i) for i in range(10)] * 10
+    if count > 10:  # more methods than tab10 tells apart
+        return [colormaps["tab20"](i) for i in range(20)] * (count // 20 + 1)
+    return [colormaps["tab10"](i) for i in range(10)]
 
 
 def _colours(methods: Sequence[str]) -> dict[str, object]:
-    lips = [m for m in methods if m != "fedavg"]
-    out: dict[str, object] = dict(zip(lips, _cycle(), strict=False))
+    others = [m for m in methods if m != "fedavg"]
+    out: dict[str, object] = dict(zip(others, _cycle(len(others)), strict=False))
     out["fedavg"] = FEDAVG_COLOUR
     return out
+
+
+def _style(method: str) -> str:
+    return "--" if "+" in method else "-"
 
 
 # ----- accuracy versus round -------------------------------------------------------------------
@@ -82,6 +93,7 @@ def curves_figure(rounds: pd.DataFrame, metric: str = "acc_global",
                   windows: Mapping[str, int] | None = None) -> Figure | None:
     """Accuracy versus round, one axis per setting, one line per method, band = ± std.
 
+    Methods without a value of ``metric`` (all NaN) have no line; None when no method has one.
     ``windows`` (setting -> ``train.final_window``) shades the evaluated rounds that the
     windowed final value averages.
     """
@@ -97,7 +109,7 @@ def curves_figure(rounds: pd.DataFrame, metric: str = "acc_global",
             line = here[here["method"] == method].sort_values("round")
             seeds = int(line["seeds"].max())
             colour = colours[method]
-            ax.plot(line["round"], line["mean"], color=colour, lw=1.6,
+            ax.plot(line["round"], line["mean"], color=colour, lw=1.6, ls=_style(method),
                     label=f"{method} (n={seeds})")
             band = line["std"].fillna(0.0)
             ax.fill_between(line["round"], line["mean"] - band, line["mean"] + band,
@@ -117,25 +129,30 @@ def curves_figure(rounds: pd.DataFrame, metric: str = "acc_global",
 
 # ----- gain heat map ---------------------------------------------------------------------------
 def gain_heatmap_figure(final: Table) -> Figure | None:
-    """Sparsity x period heat map of the gain over FedAvg, one axis per setting.
+    """Sparsity x period heat maps of the LIPS hand-outs' gain over their baseline.
 
-    Cells are annotated with the gain; ``*`` marks a gain (or loss) the paired test supports.
+    One axis per setting and algorithm the hand-out is on top of (``fedavg``,
+    ``fedprox(mu=0.01)``, ...). Cells are annotated with the gain; ``*`` marks a gain (or loss)
+    the paired test supports.
     """
     data = final.data
-    settings = [s for s in sorted(data["setting"].unique())
-                if gain_grid(final, s).notna().to_numpy().any()]
-    if not settings:
+    panels = [(setting, base) for setting in sorted(data["setting"].unique())
+              for base in lips_bases(final, setting)
+              if gain_grid(final, setting, base).notna().to_numpy().any()]
+    if not panels:
         return None
-    grids = {s: gain_grid(final, s) for s in settings}
+    grids = {key: gain_grid(final, *key) for key in panels}
     limit = max(float(np.nanmax(np.abs(g.to_numpy()))) for g in grids.values()) or 1e-6
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit)
-    fig, axes = _grid(len(settings), 4.2, 3.4)
-    for ax, setting in zip(axes, settings, strict=True):
-        grid = grids[setting]
+    fig, axes = _grid(len(panels), 4.2, 3.4)
+    for ax, (setting, base) in zip(axes, panels, strict=True):
+        grid = grids[(setting, base)]
         image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu", norm=norm, aspect="auto")
-        here = data[(data["setting"] == setting) & (data["algorithm"] != "fedavg")]
+        here = data[(data["setting"] == setting) & (data["handout"] == "lips")
+                    & (data["base_method"] == base)]
         supported = {(s, p) for s, p, v in zip(here["sparsity"], here["period"], here["verdict"],
                                                strict=True) if v in ("gain", "loss")}
+        partners = sorted({b for b in here["baseline"] if isinstance(b, str)})
         for i, sparsity in enumerate(grid.index):
             for j, period in enumerate(grid.columns):
                 value = grid.iloc[i, j]
@@ -150,8 +167,9 @@ def gain_heatmap_figure(final: Table) -> Figure | None:
         ax.set_yticks(range(len(grid.index)), [f"{s:g}" for s in grid.index])
         ax.set_xlabel("period T")
         ax.set_ylabel("sparsity")
-        ax.set_title(_wrap(f"gain over FedAvg: {setting}"), fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8, label="LIPS - FedAvg")
+        against = ", ".join(partners) or "?"
+        ax.set_title(_wrap(f"gain of {base}+lips over {against}: {setting}"), fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="method - baseline")
     return fig
 
 
@@ -167,13 +185,22 @@ def _layer_label(layer: str, kind: str, eligible: bool) -> str:
     return f"{'* ' if eligible else ''}{layer} ({kind})"
 
 
+INERTIA_COLUMNS = 4  # heat maps per row of an inertia figure
+
+
+def _is_fedavg_panel(name: str) -> bool:
+    return name == "fedavg" or name.startswith("fedavg (")
+
+
 def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
                           title: str = "") -> Figure:
     """Heat maps of ``rel_update`` (layer x round, shared log colour scale), side by side.
 
-    ``panels`` are (title, layers rows) pairs, e.g. FedAvg and LIPS. Eligible (sparsified)
-    layers are starred and coloured on the y axis. Below, the mean ``rel_update`` of the
-    eligible layers per round, one line per panel.
+    ``panels`` are (title, layers rows) pairs, e.g. FedAvg and LIPS; more than
+    :data:`INERTIA_COLUMNS` wrap onto further rows. Eligible (sparsified) layers are starred and
+    coloured on the y axis (labelled on the first panel of a row, and on any panel whose layers
+    differ from the first panel's). Below, the mean ``rel_update`` of the eligible layers per
+    round, one line per panel (FedAvg black, LIPS hand-outs dashed).
     """
     matrices = [(name, inertia_matrix(rows) if not rows.empty else None) for name, rows in panels]
     values = np.concatenate([m.to_numpy(dtype=float).ravel() for _, m in matrices
@@ -182,15 +209,18 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
     vmin, vmax = (positive.min(), positive.max()) if positive.size else (1e-4, 1.0)
     norm = LogNorm(vmin=vmin, vmax=max(vmax, vmin * 1.0001))
     n_layers = max((len(m) for _, m in matrices if m is not None), default=1)
-    k = len(matrices)
-    fig = Figure(figsize=(4.6 * k + 1.0, 0.28 * n_layers + 4.2), layout="constrained")
-    spec = fig.add_gridspec(2, k + 1, width_ratios=[1.0] * k + [0.05],
-                            height_ratios=[max(2.5, 0.28 * n_layers), 1.6])
-    heat_axes = []
+    k = max(1, len(matrices))
+    ncols = min(k, INERTIA_COLUMNS)
+    nrows = math.ceil(k / ncols)
+    heat_height = max(2.5, 0.28 * n_layers)
+    fig = Figure(figsize=(4.6 * ncols + 1.0, (heat_height + 0.9) * nrows + 2.4),
+                 layout="constrained")
+    spec = fig.add_gridspec(nrows + 1, ncols + 1, width_ratios=[1.0] * ncols + [0.05],
+                            height_ratios=[heat_height] * nrows + [1.6])
+    reference = next((m.index for _, m in matrices if m is not None), None)
     image = None
     for i, (name, matrix) in enumerate(matrices):
-        ax = fig.add_subplot(spec[0, i], sharey=heat_axes[0] if heat_axes else None)
-        heat_axes.append(ax)
+        ax = fig.add_subplot(spec[i // ncols, i % ncols])
         ax.set_title(_wrap(name, 40), fontsize=9)
         ax.set_xlabel("round")
         if matrix is None:
@@ -202,28 +232,32 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
                                              matrix.to_numpy(dtype=float), np.nan))
         image = ax.imshow(data, norm=norm, cmap="viridis", aspect="auto", interpolation="nearest",
                           extent=(rounds.min() - 0.5, rounds.max() + 0.5, len(matrix) - 0.5, -0.5))
-        if i == 0:
+        if i % ncols == 0 or not matrix.index.equals(reference):
             labels = [_layer_label(layer, kind, bool(el))
                       for _, layer, kind, el in matrix.index]
             ax.set_yticks(range(len(matrix)), labels, fontsize=7)
             for tick, (_, _, _, el) in zip(ax.get_yticklabels(), matrix.index, strict=True):
                 if el:
                     tick.set_color(ELIGIBLE_COLOUR)
-            ax.set_ylabel("layer (model order; * = LIPS-eligible)")
+            if i % ncols == 0:
+                ax.set_ylabel("layer (model order; * = LIPS-eligible)")
         else:
+            ax.set_yticks(range(len(matrix)))
             ax.tick_params(labelleft=False)
     if image is not None:
-        fig.colorbar(image, cax=fig.add_subplot(spec[0, k]),
+        fig.colorbar(image, cax=fig.add_subplot(spec[:nrows, ncols]),
                      label="relative update ||Δw|| / ||w|| (log)")
-    line_ax = fig.add_subplot(spec[1, :k])
-    colours = iter(c for c in _cycle() if c != FEDAVG_COLOUR)
+    line_ax = fig.add_subplot(spec[nrows, :ncols])
+    others = [name for name, m in matrices if m is not None and not _is_fedavg_panel(name)]
+    colours = dict(zip(others, _cycle(len(others)), strict=False))
     for name, matrix in matrices:
         if matrix is None:
             continue
         eligible = matrix[matrix.index.get_level_values("eligible").astype(bool)]
         rows = eligible if len(eligible) else matrix
-        colour = FEDAVG_COLOUR if name.startswith("fedavg") else next(colours)
-        line_ax.plot(matrix.columns, rows.mean(axis=0), lw=1.4, label=name, color=colour)
+        colour = FEDAVG_COLOUR if _is_fedavg_panel(name) else colours[name]
+        line_ax.plot(matrix.columns, rows.mean(axis=0), lw=1.4, label=name, color=colour,
+                     ls=_style(name.split(" (")[0]))
     line_ax.set_yscale("log")
     line_ax.set_xlabel("round")
     line_ax.set_ylabel("mean rel. update,\neligible layers", fontsize=8)
@@ -252,7 +286,8 @@ def inertia_figure(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
 def setting_inertia_figure(layers: pd.DataFrame, setting: str,
                            methods: Sequence[str] | None = None,
                            statuses: Sequence[str] = ("finished",)) -> Figure | None:
-    """FedAvg beside LIPS methods of one setting, ``rel_update`` averaged over seeds."""
+    """The methods of one setting side by side (all of them unless ``methods`` picks some),
+    ``rel_update`` averaged over seeds; methods without layer metrics have no panel."""
     rows = layers[(layers["setting"] == setting) & layers["status"].isin(statuses)]
     if rows.empty:
         return None
@@ -260,6 +295,10 @@ def setting_inertia_figure(layers: pd.DataFrame, setting: str,
     panels = []
     for method in methods:
         here = rows[rows["method"] == method]
+        if here.empty or here["rel_update"].isna().all():
+            continue
         seeds = here["seed"].nunique()
         panels.append((f"{method} (mean of {seeds} seed{'s' if seeds != 1 else ''})", here))
+    if not panels:
+        return None
     return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}")

@@ -5,6 +5,10 @@ Layout of the output folder::
     report.md                 the report
     tables/*.csv, *.md        every table (numbers as CSV, formatted as Markdown)
     figures/*.png             curves, gain heat maps, inertia heat maps
+
+Rows are methods (algorithm, its knobs, hand-out; see :mod:`analysis.methods`), and gains and
+paired comparisons are against the baseline named by ``baseline``: ``own`` (the same algorithm
+and knobs with the dense hand-out) or ``fedavg`` (plain dense FedAvg). The report says which.
 """
 
 from __future__ import annotations
@@ -18,27 +22,35 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
+from analysis.loaders import RunFrames, load
+from analysis.methods import check_baseline, label_sort_key
 from analysis.paired import ALPHA, MIN_SEEDS, paired_table
 from analysis.tables import (
     FINETUNE_COLUMNS,
     Table,
+    baseline_description,
     best_table,
     final_table,
     final_windows,
     metric_description,
+    metric_mean_column,
     value_column,
 )
-from ray_lips.loaders import RunFrames, load
 
 METRIC_MEANING = {
     "acc_global": "the dense global model after aggregation, scored on each client's own test "
-                  "set and averaged over clients",
-    "acc_after": "the model each client holds after the hand-out (the sparsified copy in a LIPS "
-                 "sparsity round), scored on the client's own test set and averaged over clients",
+                  "set and averaged over clients (missing for algorithms without a global "
+                  "model: FedPer, local-only)",
+    "acc_after": "the model each client holds after the hand-out (its personal model for "
+                 "FedPer, Ditto and local-only; the sparsified copy in a LIPS sparsity round), "
+                 "scored on the client's own test set and averaged over clients",
     "acc_before": "each client's locally trained model before aggregation, on its own test set",
-    "acc_test": "the global model on a balanced subset of the dataset's test split",
+    "acc_test": "the global model on a balanced subset of the dataset's test split (missing "
+                "for algorithms without a global model)",
 }
-MAX_INERTIA_PANELS = 4  # FedAvg plus up to three LIPS settings; beyond that, FedAvg + the best
+# Inertia panels per setting: every method up to this many; beyond, each method without a
+# hand-out plus the best LIPS hand-out on top of each algorithm.
+MAX_INERTIA_PANELS = 12
 
 
 class NoRunsError(FileNotFoundError):
@@ -78,7 +90,7 @@ def _duration(seconds: float) -> str:
 
 
 # ----- the sections ----------------------------------------------------------------------------
-def how_to_read(frames: RunFrames, metric: str, windowed: bool) -> str:
+def how_to_read(frames: RunFrames, metric: str, windowed: bool, baseline: str = "own") -> str:
     windows = final_windows(frames.runs)
     window = _one(windows)
     what = METRIC_MEANING.get(metric, f"the runs column `{metric}`")
@@ -96,13 +108,23 @@ def how_to_read(frames: RunFrames, metric: str, windowed: bool) -> str:
         f"- **Metric**: `{metric}`, {what}. {final}",
         "- **mean ± std** is over seeds (sample std); **n** is the number of seeds behind a cell. "
         "Only finished runs count; the others are listed at the end with their reason.",
-        "- **Gain** is the LIPS mean minus the FedAvg mean in the same setting (same dataset, "
-        "model, data and training settings; only the algorithm and the LIPS knobs differ).",
-        "- **Paired**: the same seed gives LIPS and FedAvg the same partition, initial model and "
-        "batch order, so each seed yields one difference LIPS - FedAvg. *wins* counts seeds "
-        "where LIPS is ahead; *p* is a paired t-test (and a Wilcoxon signed-rank test). A "
-        f"difference is called a gain or a loss only when p < {ALPHA} over at least "
-        f"{MIN_SEEDS} paired seeds; otherwise it is marked **within noise**.",
+        "- **Method**: the algorithm, in parentheses the knobs of its own config section that "
+        "differ between the runs (e.g. `fedprox(mu=0.01)`), then `+lips s=.. T=..` for the "
+        "LIPS hand-out (plus schedule/scorer when those differ). Every knob that tells two "
+        "methods apart is in the label, in every table and figure.",
+        f"- **Baseline**: {baseline_description(baseline)}. "
+        + ("Methods without a hand-out are baselines themselves and have no gain. "
+           if baseline == "own" else "FedAvg itself has no gain. ")
+        + "The other choice is `ray-lips report --baseline "
+        + ("fedavg`." if baseline == "own" else "own`."),
+        "- **Gain** is the method's mean minus its baseline's mean in the same setting (same "
+        "dataset, model, data and training settings; only the method differs). `-` marks a "
+        "baseline, or a metric the algorithm does not have (a missing value, never zero).",
+        "- **Paired**: the same seed gives a method and its baseline the same partition, initial "
+        "model and batch order, so each seed yields one difference method - baseline. *wins* "
+        "counts seeds where the method is ahead; *p* is a paired t-test (and a Wilcoxon "
+        f"signed-rank test). A difference is called a gain or a loss only when p < {ALPHA} over "
+        f"at least {MIN_SEEDS} paired seeds; otherwise it is marked **within noise**.",
         "- **Fine-tune** shows both scores: `acc_finetune` (BatchNorm statistics as local "
         "fine-tuning left them, the reference's number) and `acc_finetune_bnrecal` (statistics "
         "recomputed on the client's own training data, weights unchanged). They can disagree by "
@@ -112,7 +134,11 @@ def how_to_read(frames: RunFrames, metric: str, windowed: bool) -> str:
 
 def runs_overview(runs: pd.DataFrame, column: str) -> Table:
     """Every run: method, seed, status, progress, its final value and wall time."""
-    ordered = runs.sort_values(["setting", "method", "seed", "run_id"], na_position="last")
+    rank = {m: i for i, m in enumerate(sorted(set(runs["method"].astype(str)),
+                                              key=label_sort_key))}
+    ordered = (runs.assign(_rank=[rank[str(m)] for m in runs["method"]])
+               .sort_values(["setting", "_rank", "seed", "run_id"], na_position="last")
+               .drop(columns="_rank"))
     settings = ordered["setting"].nunique() > 1
     shown = pd.DataFrame({
         "run": ordered["run_id"],
@@ -125,7 +151,8 @@ def runs_overview(runs: pd.DataFrame, column: str) -> Table:
         column: [f"{v:.4f}" if pd.notna(v) else "-" for v in ordered.get(column, pd.Series())],
         "wall time": [_duration(s) for s in ordered["elapsed_s"]],
     })
-    keep = ["run_id", "path", "setting", "method", "algorithm", "sparsity", "period", "seed",
+    keep = ["run_id", "path", "setting", "method", "base_method", "algorithm", "handout",
+            "sparsity", "period", "seed",
             "status", "error", "rounds_done", "rounds_total", column, *FINETUNE_COLUMNS,
             "elapsed_s", "seconds_per_round"]
     data = ordered[[c for c in keep if c in ordered]]
@@ -153,17 +180,18 @@ def not_finished(runs: pd.DataFrame) -> Table:
 
 
 def _inertia_methods(final: Table, setting: str) -> list[str]:
-    """FedAvg and every LIPS method of the setting, or FedAvg and the best LIPS when many."""
+    """Every method of the setting; when there are more than :data:`MAX_INERTIA_PANELS`, each
+    method without a hand-out plus the best hand-out (by mean) on top of each algorithm."""
     data = final.data[final.data["setting"] == setting]
     methods = data["method"].tolist()
     if len(methods) <= MAX_INERTIA_PANELS:
         return methods
-    mean_col = [c for c in data.columns if c.endswith("_mean") and c not in FINETUNE_COLUMNS][0]
-    lips = data[data["algorithm"] != "fedavg"].dropna(subset=[mean_col])
-    chosen = [m for m in methods if m == "fedavg"]
-    if len(lips):
-        chosen.append(lips.loc[lips[mean_col].idxmax(), "method"])
-    return chosen
+    mean_col = metric_mean_column(data)
+    chosen = data[data["handout"] == "dense"]["method"].tolist()
+    handed = data[data["handout"] != "dense"].dropna(subset=[mean_col])
+    for _, group in handed.groupby("base_method", sort=False):
+        chosen.append(group.loc[group[mean_col].idxmax(), "method"])
+    return [m for m in methods if m in chosen]
 
 
 def _one(values: list[int]) -> int | None:
@@ -176,8 +204,14 @@ def _link(path: Path, out: Path) -> str:
 
 # ----- the report ------------------------------------------------------------------------------
 def build_report(paths: str | Path | Sequence[str | Path], out: str | Path | None = None,
-                 metric: str = "acc_global", windowed: bool = True) -> Path:
-    """Load the runs below ``paths``, write tables, figures and ``report.md``; return its path."""
+                 metric: str = "acc_global", windowed: bool = True,
+                 baseline: str = "own") -> Path:
+    """Load the runs below ``paths``, write tables, figures and ``report.md``; return its path.
+
+    ``baseline`` is what gains and paired comparisons are against: ``own`` (the same algorithm
+    and knobs with the dense hand-out) or ``fedavg`` (plain dense FedAvg).
+    """
+    check_baseline(baseline)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     frames = load(paths)
     if frames.runs.empty:
@@ -190,8 +224,8 @@ def build_report(paths: str | Path | Sequence[str | Path], out: str | Path | Non
     column = value_column(metric, windowed)
     runs = frames.runs
     counts = runs["status"].value_counts()
-    final = final_table(runs, metric, windowed)
-    paired = paired_table(runs, [metric, *FINETUNE_COLUMNS], windowed)
+    final = final_table(runs, metric, windowed, baseline=baseline)
+    paired = paired_table(runs, [metric, *FINETUNE_COLUMNS], windowed, baseline=baseline)
     best = best_table(final)
     overview = runs_overview(runs, column)
     pending = not_finished(runs)
@@ -205,16 +239,19 @@ def build_report(paths: str | Path | Sequence[str | Path], out: str | Path | Non
         f"# ray-lips report: {', '.join(Path(p).resolve().name for p in paths)}", "",
         f"{len(runs)} runs ({status_line}) found under {sources}; written "
         f"{time.strftime('%Y-%m-%d %H:%M')}. "
-        f"Final metric: {metric_description(metric, windowed, _one(final_windows(runs)))}.",
+        f"Final metric: {metric_description(metric, windowed, _one(final_windows(runs)))}. "
+        f"Methods: {len(final.data['method'].unique())}; gains against "
+        f"{baseline_description(baseline)}.",
         "",
-        how_to_read(frames, metric, windowed), "",
+        how_to_read(frames, metric, windowed, baseline), "",
         "## Final accuracy", "", final.to_markdown(), "",
-        "## Paired comparisons (LIPS - FedAvg, per seed)", "",
+        "## Paired comparisons (method - baseline, per seed)", "",
         paired.to_markdown() if len(paired.data) else
-        "_No pairs: a paired comparison needs finished FedAvg and LIPS runs with the same seed "
-        "in the same setting._", "",
-        "## Best LIPS setting per dataset", "",
-        best.to_markdown() if len(best.data) else "_No finished LIPS runs._", "",
+        "_No pairs: a paired comparison needs finished runs of a method and of its baseline "
+        "with the same seed in the same setting._", "",
+        "## Best method per setting and baseline", "",
+        best.to_markdown() if len(best.data) else
+        "_No finished method with a finished baseline._", "",
     ]
     lines += _figure_sections(frames, final, metric, windowed, out, fig_dir)
     lines += ["## Runs not finished", "",
@@ -234,16 +271,21 @@ def _figure_sections(frames: RunFrames, final: Table, metric: str, windowed: boo
     lines = ["## Gain heat map (sparsity x period)", ""]
     heat = figures.gain_heatmap_figure(final)
     if heat is None:
-        lines += ["_No gain to map: needs finished FedAvg and LIPS runs in one setting._", ""]
+        lines += ["_No gain to map: needs finished LIPS runs and finished runs of their "
+                  "baseline in one setting._", ""]
     else:
         path = figures.save(heat, fig_dir / "gain_heatmap.png")
         lines += [f"![gain heat map]({_link(path, out)})", "",
-                  "_Colour and number: LIPS mean - FedAvg mean; * = supported by the paired "
+                  "_One panel per algorithm the LIPS hand-out is on top of. Colour and number: "
+                  "the LIPS method's mean - its baseline's mean; * = supported by the paired "
                   "test._", ""]
     lines += ["## Accuracy versus round", ""]
     done = frames.runs[frames.runs["status"] == "finished"]
     windows = {s: int(w.max()) for s, w in done.groupby("setting")["final_window"]}
     curves = figures.curves_figure(frames.rounds, metric, windows=windows if windowed else None)
+    drawn_methods = set(figures.curve_stats(frames.rounds, metric)["method"])
+    no_values = [m for m in final.data["method"].unique()
+                 if m not in drawn_methods and m in set(done["method"])]
     if curves is None:
         lines += [f"_No evaluated rounds of finished runs for `{metric}`._", ""]
     else:
@@ -252,20 +294,38 @@ def _figure_sections(frames: RunFrames, final: Table, metric: str, windowed: boo
                   "_Line: mean over seeds; band: ± one std over seeds; grey: the rounds the "
                   "windowed final value averages._" if windowed else
                   "_Line: mean over seeds; band: ± one std over seeds._", ""]
+    if no_values:
+        lines += [f"_No `{metric}` values (so no line) for: "
+                  f"{', '.join(f'`{m}`' for m in no_values)}._", ""]
     lines += ["## Layer-wise inertia", "",
               "Relative update ||w_l(r) - w_l(r-1)|| / ||w_l(r-1)|| of each layer of the global "
               "model per round (log colour scale, shared by the panels of one figure; mean over "
-              "seeds). Layers in model order; * marks the middle layers LIPS sparsifies. "
-              "Inertia shows as dark middle-layer rows in FedAvg's late rounds.", ""]
+              "seeds), one panel per method. Layers in model order; * marks the middle layers "
+              "LIPS sparsifies. Inertia shows as dark middle-layer rows in FedAvg's late "
+              "rounds.", ""]
     slugs = _unique_slugs(sorted(frames.runs["setting"].unique()))
+    layers = frames.layers
+    finished_layers = layers[layers["status"] == "finished"] if "status" in layers else layers
+    if "rel_update" in finished_layers:
+        finished_layers = finished_layers[finished_layers["rel_update"].notna()]
     drawn = 0
     for setting, slug in slugs.items():
-        fig = figures.setting_inertia_figure(frames.layers, setting,
-                                             _inertia_methods(final, setting))
+        methods = _inertia_methods(final, setting)
+        fig = figures.setting_inertia_figure(frames.layers, setting, methods)
         if fig is None:
             continue
         path = figures.save(fig, fig_dir / f"inertia_{slug}.png")
         lines += [f"![inertia {setting}]({_link(path, out)})", ""]
+        with_layers = set(finished_layers[finished_layers["setting"] == setting]["method"])
+        here = final.data[final.data["setting"] == setting]
+        left_out = [m for m in here["method"] if m not in methods]
+        without = [m for m in methods if m not in with_layers and here.loc[
+            here["method"] == m, "seeds"].sum() > 0]
+        if without:
+            lines += [f"_No layer metrics for: {', '.join(f'`{m}`' for m in without)}._", ""]
+        if left_out:
+            lines += [f"_Not drawn (more than {MAX_INERTIA_PANELS} methods; the best hand-out "
+                      f"per algorithm is shown): {', '.join(f'`{m}`' for m in left_out)}._", ""]
         drawn += 1
     if not drawn:
         lines += ["_No layer metrics from finished runs._", ""]

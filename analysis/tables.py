@@ -2,6 +2,11 @@
 
 Every table is a :class:`Table`: ``data`` holds the numbers (for CSV and further pandas work),
 ``display`` the formatted strings (for Markdown), ``caption`` says what the numbers are.
+
+Tables have one row per method and setting; a method is named by its full label (the
+``method`` column, see :mod:`analysis.methods`), so rows that differ in any knob look different.
+Gains are against a named baseline: ``own`` (the default; the same algorithm with the same
+knobs and the dense hand-out) or ``fedavg`` (plain dense FedAvg for every method).
 """
 
 from __future__ import annotations
@@ -13,10 +18,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ray_lips.loaders import METRICS, fmt_value, setting_columns
+from analysis.loaders import METRICS, setting_columns
+from analysis.methods import (
+    ALGORITHMS,
+    BASELINE_TEXT,
+    baseline_labels,
+    check_baseline,
+    fmt_value,
+    label_sort_key,
+)
 
 FINETUNE_COLUMNS = ("acc_finetune_mean", "acc_finetune_bnrecal_mean")
-METHOD_COLUMNS = ("algorithm", "sparsity", "period")
+METHOD_COLUMNS = ("algorithm", "handout", "base_method", "sparsity", "period")
+ALPHA = 0.05  # a paired difference is a gain or a loss only with p < ALPHA ...
+MIN_SEEDS = 3  # ... over at least MIN_SEEDS paired seeds
 
 
 # ----- shared helpers ---------------------------------------------------------------------------
@@ -59,10 +74,25 @@ def setting_display_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def method_order(frame: pd.DataFrame) -> pd.DataFrame:
-    """Sort rows by setting, FedAvg first, then sparsity and period."""
-    key = frame["algorithm"].ne("fedavg").astype(int)
-    return (frame.assign(_k=key).sort_values(["setting", "_k", "sparsity", "period", "method"])
-            .drop(columns="_k").reset_index(drop=True))
+    """Sort rows by setting, then algorithm (FedAvg first, in ``ALGORITHMS`` order), its knobs,
+    the dense hand-out before LIPS, then sparsity and period."""
+    rank = {name: i for i, name in enumerate(ALGORITHMS)}
+    bases = {b: i for i, b in enumerate(sorted(set(frame["base_method"].astype(str)),
+                                               key=label_sort_key))}
+    keys = pd.DataFrame({
+        "_s": frame["setting"],
+        "_a": [rank.get(a, len(rank)) for a in frame["algorithm"]],
+        "_b": [bases[str(b)] for b in frame["base_method"]],
+        "_h": frame["handout"].ne("dense").astype(int),
+        "_sp": frame["sparsity"], "_p": frame["period"], "_m": frame["method"]},
+        index=frame.index)
+    order = keys.sort_values(list(keys.columns), na_position="first").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+def baseline_description(baseline: str) -> str:
+    """What the gains of this baseline are taken against, in words."""
+    return f"{BASELINE_TEXT[check_baseline(baseline)]} (`--baseline {baseline}`)"
 
 
 def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
@@ -118,26 +148,35 @@ def cell_stats(runs: pd.DataFrame, column: str) -> pd.DataFrame:
     """Mean, std (ddof 1) and number of seeds per (setting, method), finished runs only.
 
     Two finished runs of one cell with the same seed count once (their values are averaged).
+    ``seeds`` counts the finished seeds even where the metric is missing (NaN mean): an
+    algorithm without a global model has no ``acc_global`` but its runs did finish.
     """
     done = finished(runs)
     per_seed = (done.groupby(["setting", "method", "seed"], dropna=False)[column].mean()
                 .reset_index())
     grouped = per_seed.groupby(["setting", "method"], dropna=False)[column]
-    out = grouped.agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
+    out = grouped.agg(["mean", "std", "size"]).rename(columns={"size": "seeds"})
     return out.reset_index()
 
 
 def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool = True,
-                alpha: float = 0.05, min_seeds: int = 3) -> Table:
-    """Final accuracy mean ± std over seeds per setting x method, with the gain over FedAvg.
+                alpha: float = ALPHA, min_seeds: int = MIN_SEEDS,
+                baseline: str = "own") -> Table:
+    """Final accuracy mean ± std over seeds, one row per setting x method, with the gain.
 
-    ``gain`` is the LIPS cell's mean minus the FedAvg mean of the same setting; ``verdict``
-    comes from the paired comparison (see :mod:`analysis.paired`). Both fine-tune scores are
+    ``baseline`` names the method of the same setting each row's ``gain`` is taken against:
+    ``own`` (the same algorithm and knobs with the dense hand-out) or ``fedavg`` (plain dense
+    FedAvg). Rows that are a baseline themselves have no gain. ``verdict`` comes from the paired
+    comparison with the same baseline (see :mod:`analysis.paired`). Both fine-tune scores are
     shown side by side. Runs that did not finish are left out of the numbers and counted in
-    ``not_finished``.
+    ``not_finished``. Columns of ``data``: the setting's, ``method`` and its parts
+    (:data:`METHOD_COLUMNS`), ``seeds``, ``{column}_mean``/``_std``, the fine-tune means and
+    stds, ``not_finished``, ``baseline`` (the partner's label), ``baseline_mean``,
+    ``baseline_seeds``, ``gain``, ``paired_seeds``, ``p_ttest``, ``verdict``.
     """
     from analysis.paired import paired_frame  # paired builds on this module's helpers
 
+    check_baseline(baseline)
     column = value_column(metric, windowed)
     display_cols = setting_display_columns(runs)
     if "has_config" in runs:  # a Tune trial that died before writing its config has no cell
@@ -153,36 +192,38 @@ def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool =
     unfinished = runs[runs["status"] != "finished"].groupby(["setting", "method"]).size()
     data["not_finished"] = [int(unfinished.get((s, m), 0))
                             for s, m in zip(data["setting"], data["method"], strict=True)]
-    base = data[data["algorithm"] == "fedavg"].set_index("setting")["mean"]
-    data["gain"] = [
-        mean - base[setting] if algo != "fedavg" and setting in base.index else math.nan
-        for setting, algo, mean in zip(data["setting"], data["algorithm"], data["mean"],
-                                       strict=True)]
-    paired = paired_frame(runs, metric, windowed, alpha, min_seeds)
+    data["baseline"] = baseline_labels(data, baseline)
+    cells = {(s, m): (mean, n) for s, m, mean, n in zip(
+        data["setting"], data["method"], data["mean"], data["seeds"], strict=True)}
+    partners = [cells.get((s, b), (math.nan, 0)) if isinstance(b, str) else (math.nan, 0)
+                for s, b in zip(data["setting"], data["baseline"], strict=True)]
+    data["baseline_mean"] = [mean for mean, _ in partners]
+    data["baseline_seeds"] = [int(n) for _, n in partners]
+    data["gain"] = data["mean"] - data["baseline_mean"]
+    paired = paired_frame(runs, metric, windowed, alpha, min_seeds, baseline)
     data = data.merge(paired[["setting", "method", "n", "p_ttest", "verdict"]].rename(
         columns={"n": "paired_seeds"}), on=["setting", "method"], how="left")
     data = method_order(data.rename(columns={"mean": f"{column}_mean", "std": f"{column}_std"}))
     window = final_windows(runs)
     caption = (f"{metric_description(metric, windowed, window[0] if len(window) == 1 else None)}"
-               f": mean ± std over seeds (n = seeds per cell). Gain = LIPS mean - FedAvg mean in "
-               f"the same setting; '(within noise)' marks a gain the paired test does not "
-               f"support (p >= {alpha} or fewer than {min_seeds} paired seeds). Fine-tune: "
+               f": mean ± std over seeds (n = finished seeds per cell; '-' = the method has no "
+               f"value for this metric). Gain = mean - the baseline's mean in the same setting; "
+               f"baseline: {baseline_description(baseline)}; a baseline has no gain. "
+               f"'(within noise)' marks a gain the paired test does not support "
+               f"(p >= {alpha} or fewer than {min_seeds} paired seeds). Fine-tune: "
                f"acc_finetune keeps the BN statistics fine-tuning left, acc_finetune_bnrecal "
                f"recomputes them on the client's data.")
     return Table(data=data, display=_final_display(data, column, display_cols), caption=caption)
 
 
-def _knob(value: float) -> str:
-    if value is None or not np.isfinite(value):
+def gain_text(gain: float, verdict: object, baseline: object, baseline_seeds: int = 1) -> str:
+    """A gain cell: '-' for a baseline or a missing value, 'n/a (no X)' when X was not run."""
+    if not isinstance(baseline, str):
         return "-"
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def gain_text(gain: float, verdict: object, algorithm: str) -> str:
-    if algorithm == "fedavg":
+    if not baseline_seeds:
+        return f"n/a (no {baseline})"
+    if gain is None or not np.isfinite(gain):
         return "-"
-    if not np.isfinite(gain):
-        return "n/a (no FedAvg)"
     text = f"{gain:+.3f}"
     return text if verdict in ("gain", "loss") else f"{text} (within noise)"
 
@@ -194,14 +235,13 @@ def text_column(values: pd.Series) -> list[str]:
 
 def _final_display(data: pd.DataFrame, column: str, display_cols: list[str]) -> pd.DataFrame:
     shown = {c.split(".")[-1]: text_column(data[c]) for c in display_cols}
-    shown["algorithm"] = data["algorithm"]
-    shown["sparsity"] = [_knob(v) for v in data["sparsity"]]
-    shown["period"] = [_knob(v) for v in data["period"]]
+    shown["method"] = data["method"]
     shown["n"] = data["seeds"].astype(int)
     shown[column] = [mean_std(m, s, n) for m, s, n in zip(
         data[f"{column}_mean"], data[f"{column}_std"], data["seeds"], strict=True)]
-    shown["gain vs FedAvg"] = [gain_text(g, v, a) for g, v, a in zip(
-        data["gain"], data["verdict"], data["algorithm"], strict=True)]
+    shown["baseline"] = [b if isinstance(b, str) else "-" for b in data["baseline"]]
+    shown["gain"] = [gain_text(g, v, b, n) for g, v, b, n in zip(
+        data["gain"], data["verdict"], data["baseline"], data["baseline_seeds"], strict=True)]
     for ft in FINETUNE_COLUMNS:
         name = ft.removesuffix("_mean")
         shown[name] = [mean_std(m, s, n) for m, s, n in zip(
@@ -212,51 +252,74 @@ def _final_display(data: pd.DataFrame, column: str, display_cols: list[str]) -> 
     return frame
 
 
-# ----- best setting per dataset ----------------------------------------------------------------
+# ----- best method per baseline ----------------------------------------------------------------
+def metric_mean_column(data: pd.DataFrame) -> str:
+    """The ``{column}_mean`` column of a :func:`final_table`'s data (the metric's mean)."""
+    return next(c for c in data.columns if c.endswith("_mean") and c != "baseline_mean"
+                and c not in FINETUNE_COLUMNS)
+
+
 def best_table(final: Table) -> Table:
-    """The LIPS cell with the highest mean per setting, beside that setting's FedAvg."""
+    """Per setting and baseline, the compared method with the highest mean, beside its baseline.
+
+    Under the ``own`` baseline the candidates of ``fedprox(mu=0.01)`` are its LIPS hand-outs,
+    so a row is the best LIPS setting on top of one algorithm; under ``fedavg`` every method is
+    a candidate against FedAvg. Methods without a value for the metric are no candidates.
+    """
     data = final.data
-    mean_col = next(c for c in data.columns if c.endswith("_mean") and c.startswith("acc_")
-                    and c not in FINETUNE_COLUMNS)
+    mean_col = metric_mean_column(data)
     column = mean_col.removesuffix("_mean")
-    lips = data[(data["algorithm"] != "fedavg") & data[mean_col].notna()]
+    compared = data[data["baseline"].notna() & data[mean_col].notna()]
     rows = []
-    for setting, group in lips.groupby("setting", sort=True):
+    for (setting, baseline), group in compared.groupby(["setting", "baseline"], sort=False):
         best = group.loc[group[mean_col].idxmax()]
-        base = data[(data["setting"] == setting) & (data["algorithm"] == "fedavg")]
+        base = data[(data["setting"] == setting) & (data["method"] == baseline)]
         rows.append({
             **best.to_dict(),
-            "fedavg_mean": base[mean_col].iloc[0] if len(base) else math.nan,
-            "fedavg_std": base[f"{column}_std"].iloc[0] if len(base) else math.nan,
-            "fedavg_seeds": int(base["seeds"].iloc[0]) if len(base) else 0,
+            "baseline_std": base[f"{column}_std"].iloc[0] if len(base) else math.nan,
             "candidates": len(group),
         })
     best = pd.DataFrame(rows)
     if best.empty:
-        return Table(best, best, "No finished LIPS runs.")
+        return Table(best, best, "No finished method with a finished baseline.")
+    best = method_order(best)
     display_cols = [c for c in data.columns if c == "model" or c.startswith(("data.", "train."))]
     shown = pd.DataFrame({
         **{c.split(".")[-1]: text_column(best[c]) for c in display_cols},
-        "best LIPS": best["method"],
-        f"LIPS {column}": [mean_std(m, s, n) for m, s, n in zip(
+        "baseline": best["baseline"],
+        f"baseline {column}": [mean_std(m, s, n) for m, s, n in zip(
+            best["baseline_mean"], best["baseline_std"], best["baseline_seeds"], strict=True)],
+        "best method": best["method"],
+        column: [mean_std(m, s, n) for m, s, n in zip(
             best[mean_col], best[f"{column}_std"], best["seeds"], strict=True)],
-        f"FedAvg {column}": [mean_std(m, s, n) for m, s, n in zip(
-            best["fedavg_mean"], best["fedavg_std"], best["fedavg_seeds"], strict=True)],
-        "gain": [gain_text(g, v, "lips") for g, v in zip(best["gain"], best["verdict"],
-                                                         strict=True)],
+        "gain": [gain_text(g, v, b, n) for g, v, b, n in zip(
+            best["gain"], best["verdict"], best["baseline"], best["baseline_seeds"],
+            strict=True)],
         "n": best["seeds"].astype(int),
-        "settings tried": best["candidates"].astype(int),
+        "methods tried": best["candidates"].astype(int),
     })
-    caption = ("Best LIPS sparsity/period per setting by mean final value. The best of several "
-               "settings is chosen on the same seeds it is scored on, so its gain is optimistic.")
+    caption = ("Per setting and baseline, the compared method with the highest mean final "
+               "value. The best of several methods is chosen on the same seeds it is scored "
+               "on, so its gain is optimistic.")
     return Table(best, shown, caption)
 
 
-def gain_grid(final: Table, setting: str) -> pd.DataFrame:
-    """Sparsity (rows) x period (columns) grid of the gain over FedAvg for one setting.
+def gain_grid(final: Table, setting: str, base: str | None = None) -> pd.DataFrame:
+    """Sparsity (rows) x period (columns) grid of the LIPS hand-outs' gain in one setting.
 
-    Cells that differ only in another LIPS knob (schedule, scorer) are averaged.
+    ``base`` picks the algorithm the hand-out is on top of (a ``base_method`` label such as
+    ``fedprox(mu=0.01)``); None takes every LIPS row. Cells that differ only in another knob
+    (schedule, scorer, or the algorithm's when ``base`` is None) are averaged.
     """
     data = final.data
-    rows = data[(data["setting"] == setting) & (data["algorithm"] != "fedavg")]
+    rows = data[(data["setting"] == setting) & (data["handout"] == "lips")]
+    if base is not None:
+        rows = rows[rows["base_method"] == base]
     return rows.pivot_table(index="sparsity", columns="period", values="gain", aggfunc="mean")
+
+
+def lips_bases(final: Table, setting: str) -> list[str]:
+    """The algorithms (``base_method`` labels) with LIPS rows in a setting, in table order."""
+    data = final.data
+    rows = data[(data["setting"] == setting) & (data["handout"] == "lips")]
+    return list(dict.fromkeys(rows["base_method"]))

@@ -86,8 +86,8 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
     from ray_lips.allocator import keep_buffers_in_heap
     from ray_lips.config import validate_config
     from ray_lips.data import load_dataset
-    from ray_lips.experiment import build_payloads, initial_model
-    from ray_lips.pool import local_settings, pick_device
+    from ray_lips.engine.experiment import build_payloads, initial_model
+    from ray_lips.engine.pool import local_settings, pick_device
     from ray_lips.seeding import torch_generator
     from ray_lips.training import local_train
 
@@ -125,28 +125,28 @@ def ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_lips.config import ExperimentConfig
-    from ray_lips.experiment import FederatedRun
-    from ray_lips.pools import local_pools
+    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.engine.pools import local_pools
 
     torch.set_num_threads(job["cpus"])
     cfg = ExperimentConfig.model_validate(job["config"])
     make_pools = local_pools  # in this process, pools one after another (--no-ray)
     if not job["no_ray"]:
-        from ray_lips.ray_pools import RayPoolFactory
+        from ray_lips.engine.ray_pools import RayPoolFactory
 
         start_ray(job["cpus"], 1 if job["device"] == "cuda" else 0)
         make_pools = RayPoolFactory(cfg.resources)
     with tempfile.TemporaryDirectory() as run_dir:
-        run = FederatedRun(cfg.to_dict(), run_dir, make_pools=make_pools)
+        run = FederatedRun(cfg, run_dir, make_pools=make_pools)
         try:
             run.run_round()  # warm-up (also evaluates)
             rounds = []  # (seconds, the slowest pool's seconds in local training)
             for _ in range(job["rounds"]):
-                before = run.pools.call("stats")
+                before = run.pools.stats()
                 started = time.perf_counter()
                 run.run_round()
                 seconds = time.perf_counter() - started
-                after = run.pools.call("stats")
+                after = run.pools.stats()
                 rounds.append((seconds, max(a["train_s"] - b["train_s"]
                                             for a, b in zip(after, before, strict=True))))
         finally:

@@ -52,8 +52,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_lips.config import ExperimentConfig
-    from ray_lips.experiment import FederatedRun
-    from ray_lips.ray_pools import RayPoolFactory
+    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.engine.ray_pools import RayPoolFactory
 
     torch.set_num_threads(1)
     start_ray(job["cpus"], 0)
@@ -61,18 +61,18 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        run = FederatedRun(cfg.to_dict(), run_dir, make_pools=RayPoolFactory(cfg.resources))
+        run = FederatedRun(cfg, run_dir, make_pools=RayPoolFactory(cfg.resources))
         out["setup_s"] = time.perf_counter() - started
         out["driver_rss_after_setup"] = rss_mb()
         try:
             seconds, pool_rss, evaluate, overhead = [], [], [], []
-            before = run.pools.call("stats")
+            before = run.pools.stats()
             while not run.done:
                 started = time.perf_counter()
                 row = run.run_round()
                 seconds.append(time.perf_counter() - started)
                 assert row["participants"] == PARTICIPANTS
-                after = run.pools.call("stats")
+                after = run.pools.stats()
                 pool_rss.append(max(s["rss_mb"] for s in after))
                 pairs = list(zip(after, before, strict=True))
                 evaluate.append(max(a["evaluate_s"] - b["evaluate_s"] for a, b in pairs))
@@ -84,7 +84,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                 started = time.perf_counter()
                 run.finish()
                 out["finish_s"] = time.perf_counter() - started
-            stats = run.pools.call("stats")
+            stats = run.pools.stats()
         finally:
             run.close()
     out.update(seconds=seconds, pool_rss=pool_rss, overhead=overhead, evaluate=evaluate,

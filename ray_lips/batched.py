@@ -10,8 +10,9 @@ what :func:`ray_lips.training.local_train` gives for it alone: same batch order 
 (drawn from the same per-client generators in the same order), same loss, same optimiser.
 
 Client k's numbers do not depend on which clients share its group or on its slot in it, only
-on the group size, which the pool fixes from the config (see ``ray_lips.pool.batch_clients``);
-``_SlotwiseSGD`` and ``GroupedLinear`` exist for that. Image groups run channels-last.
+on the group size, which the pool fixes from the config (see
+``ray_lips.engine.pool.batch_clients``); ``_SlotwiseSGD`` and ``GroupedLinear`` exist for
+that. Image groups run channels-last.
 
 Where it pays: on a GPU, where one client's step is far too small to fill the device. On CPU,
 oneDNN's grouped convolutions cost more per client than dense ones, so a pool there uses groups
@@ -34,7 +35,13 @@ from torch import nn
 
 from ray_lips.data.augment import prepare_batch
 from ray_lips.models import VGG, BasicBlock, ResNet, SmallCNN
-from ray_lips.training import LocalResult, LocalSettings, Normalisation, precision_autocast
+from ray_lips.training import (
+    Correction,
+    LocalResult,
+    LocalSettings,
+    Normalisation,
+    precision_autocast,
+)
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -107,18 +114,23 @@ class GroupedLinear(nn.Module):
 
 
 def _wide_module(module: nn.Module, clients: int) -> nn.Module | None:
-    """The G-client version of one parameter-owning layer, uninitialised (on the meta device)."""
+    """The G-client version of one parameter-owning layer, uninitialised (on the meta device),
+    in the layer's dtype."""
     meta = torch.device("meta")
+    params = list(module.parameters(recurse=False))
+    dtype = params[0].dtype if params else None
     if isinstance(module, _CONV):
         return type(module)(
             module.in_channels * clients, module.out_channels * clients, module.kernel_size,
             stride=module.stride, padding=module.padding, dilation=module.dilation,
-            groups=module.groups * clients, bias=module.bias is not None, device=meta)
+            groups=module.groups * clients, bias=module.bias is not None, device=meta,
+            dtype=dtype)
     if isinstance(module, _BN):
         return type(module)(module.num_features * clients, eps=module.eps,
-                            momentum=module.momentum, device=meta)
+                            momentum=module.momentum, device=meta, dtype=dtype)
     if type(module) is nn.Linear:
-        return GroupedLinear(clients, module.in_features, module.out_features, device=meta)
+        wide = GroupedLinear(clients, module.in_features, module.out_features, device=meta)
+        return wide.to(dtype) if dtype is not None else wide
     return None
 
 
@@ -205,12 +217,15 @@ class ClientGroup:
     def train(self, x: torch.Tensor, y: torch.Tensor, settings: LocalSettings,
               norm: Normalisation, batch_gens: Sequence[torch.Generator],
               augment_gens: Sequence[torch.Generator],
-              remember: list[str] | None = None) -> list[LocalResult]:
-        """Train the loaded clients on ``x`` (G, n, ...) / ``y`` (G, n) like ``local_train``."""
+              remember: list[str] | None = None,
+              corrections: Sequence[Correction | None] | None = None) -> list[LocalResult]:
+        """Train the loaded clients on ``x`` (G, n, ...) / ``y`` (G, n) like ``local_train``,
+        client k with ``corrections[k]`` added to its gradients."""
         g, n = y.shape
         if g != self.clients:
             raise ValueError(f"expected data of {self.clients} clients, got {g}")
         params = list(self.wide.parameters())
+        correct = self._wide_correction(corrections)
         sgd = _SlotwiseSGD(params, settings.lr, settings.momentum, settings.weight_decay)
         self.wide.train()
         x_flat, y_flat = x.reshape(g * n, *x.shape[2:]), y.reshape(g * n)
@@ -230,6 +245,8 @@ class ClientGroup:
                     logits = self.wide(inputs)  # (B, G * classes)
                     losses = _client_losses(logits, targets)
                 losses.sum().backward()
+                if correct is not None:
+                    correct()
                 if settings.grad_clip is not None:
                     _clip_per_client(params, g, settings.grad_clip)
                 if epoch == settings.epochs - 1 and start + settings.batch_size >= n and remember:
@@ -245,6 +262,48 @@ class ClientGroup:
                             last_grads=None if last_grads is None else
                             {name: t[k].clone() for name, t in last_grads.items()})
                 for k in range(g)]
+
+    def _wide_correction(self, corrections: Sequence[Correction | None] | None):
+        """The clients' gradient corrections as one in-place update of the wide gradients
+        (same separately rounded operations as ``training.correct_gradients``), or None."""
+        if corrections is None or all(c is None or c.is_zero for c in corrections):
+            return None
+        if len(corrections) != self.clients:
+            raise ValueError(f"expected {self.clients} corrections, got {len(corrections)}")
+        coefs = {c.coef for c in corrections if c is not None and c.anchor is not None}
+        if len(coefs) > 1:
+            raise ValueError(f"clients of one group need one correction coefficient: {coefs}")
+        coef = coefs.pop() if coefs else 0.0
+        named = dict(self.wide.named_parameters())
+
+        def stacked(field: str, name: str) -> torch.Tensor | None:
+            parts = [getattr(c, field) if c is not None else None for c in corrections]
+            if all(p is None or name not in p for p in parts):
+                return None
+            shape, param = self.shapes[name], named[name]
+            rows = [p[name] if p is not None and name in p else
+                    torch.zeros(shape, dtype=param.dtype) for p in parts]
+            return torch.stack([r.to(param.device, param.dtype) for r in rows]).reshape(
+                param.shape)
+
+        anchors = {n: stacked("anchor", n) for n in named} if coef else {}
+        offsets = {n: stacked("offset", n) for n in named}
+        with_anchor = [n for n, a in anchors.items() if a is not None]
+        with_offset = [n for n, o in offsets.items() if o is not None]
+
+        @torch.no_grad()
+        def apply() -> None:
+            if with_anchor:
+                grads = [named[n].grad for n in with_anchor]
+                pulls = torch._foreach_sub([named[n] for n in with_anchor],
+                                           [anchors[n] for n in with_anchor])
+                torch._foreach_mul_(pulls, coef)
+                torch._foreach_add_(grads, pulls)
+            if with_offset:
+                torch._foreach_add_([named[n].grad for n in with_offset],
+                                    [offsets[n] for n in with_offset])
+
+        return apply
 
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, norm: Normalisation,

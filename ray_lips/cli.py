@@ -87,14 +87,18 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
         RunWriter(run_dir).write_config(cfg)
     click.echo(f"run directory: {run_dir}", err=True)
     if no_ray:
-        from ray_lips.experiment import run_local
+        from ray_lips.engine.experiment import run_local
 
         summary = run_local(cfg, run_dir)
     else:
         _connect_and_check(cfg, address, runs=1)
-        summary = _run_and_report([(cfg.algorithm, cfg, run_dir)])[cfg.algorithm]
-    click.echo(_summary_table({cfg.algorithm: summary}))
+        summary = _run_and_report([(_label(cfg), cfg, run_dir)])[_label(cfg)]
+    click.echo(_summary_table({_label(cfg): summary}))
     click.echo(str(run_dir))
+
+
+def _label(cfg: ExperimentConfig) -> str:
+    return cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
 
 
 def _fmt(value: float) -> str:
@@ -116,48 +120,66 @@ def _summary_table(summaries: dict[str, dict]) -> str:
         ("acc_finetune_bnrecal (client mean)", "acc_finetune_bnrecal_mean"),
         ("seconds per round", "seconds_per_round"),
     ]
-    show_gain = "fedavg" in summaries and len(summaries) > 1
-    header = f"{'metric':44s}" + "".join(f"{lbl:>12s}" for lbl in labels)
-    if show_gain:
-        header += "".join(f"{'gain ' + lbl:>14s}" for lbl in labels if lbl != "fedavg")
+    pairs = [(lbl, _baseline_of(lbl)) for lbl in labels if _baseline_of(lbl) in summaries]
+    width = max(12, *(len(lbl) + 2 for lbl in labels))
+    header = f"{'metric':44s}" + "".join(f"{lbl:>{width}s}" for lbl in labels)
+    header += "".join(f"{'gain ' + lbl:>{width + 5}s}" for lbl, _ in pairs)
     lines = [header, "-" * len(header)]
     for title, key in metrics:
-        line = f"{title:44s}" + "".join(f"{_fmt(summaries[lbl].get(key)):>12s}" for lbl in labels)
-        if show_gain:
-            for lbl in labels:
-                if lbl == "fedavg":
-                    continue
-                if key == "seconds_per_round":
-                    line += f"{'':>14s}"
-                    continue
-                gain = summaries[lbl].get(key, math.nan) - summaries["fedavg"].get(key, math.nan)
-                line += f"{'-' if math.isnan(gain) else f'{gain:+.4f}':>14s}"
+        line = f"{title:44s}" + "".join(f"{_fmt(summaries[lbl].get(key)):>{width}s}"
+                                        for lbl in labels)
+        for lbl, base in pairs:
+            if key == "seconds_per_round":
+                line += " " * (width + 5)
+                continue
+            gain = summaries[lbl].get(key, math.nan) - summaries[base].get(key, math.nan)
+            line += f"{'-' if math.isnan(gain) else f'{gain:+.4f}':>{width + 5}s}"
         lines.append(line)
+    if pairs:
+        lines.append("gain: against the same algorithm with the dense hand-out ("
+                     + ", ".join(f"{lbl} - {base}" for lbl, base in pairs) + ")")
     return "\n".join(lines)
+
+
+def _method_keys(method: str) -> tuple[str, str]:
+    """``fedprox+lips`` -> (fedprox, lips); ``lips`` (shorthand) -> (fedavg, lips)."""
+    if method == "lips":
+        return "fedavg", "lips"
+    algorithm, _, handout = method.partition("+")
+    return algorithm, handout or "dense"
+
+
+def _baseline_of(method: str) -> str:
+    """The method a gain is measured against: the same algorithm, dense (``lips``: fedavg)."""
+    algorithm, handout = _method_keys(method)
+    return method if handout == "dense" else algorithm
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--address", default=None, help=ADDRESS_HELP)
-@click.option("--algorithms", default="fedavg,lips", show_default=True,
-              help="Comma-separated algorithms to run side by side.")
+@click.option("--algorithms", "methods", default="fedavg,lips", show_default=True,
+              help="Comma-separated methods to run side by side: an algorithm (fedavg, "
+                   "fedprox, scaffold, fedper, ditto, local), ALGORITHM+lips for it with the "
+                   "LIPS hand-out, or lips (= fedavg+lips).")
 def compare(config: str, overrides: tuple[str, ...], address: str | None,
-            algorithms: str) -> None:
-    """Run CONFIG once per algorithm (same seed, same data) concurrently and compare them."""
+            methods: str) -> None:
+    """Run CONFIG once per method (same seed, same data) concurrently and compare them."""
     base = _load(config, overrides)
     runs = []
-    for algorithm in [a.strip() for a in algorithms.split(",") if a.strip()]:
-        cfg = _load(config, (*overrides, f"algorithm={algorithm}"))
+    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+        algorithm, handout = _method_keys(method)
+        cfg = _load(config, (*overrides, f"algorithm={algorithm}", f"handout={handout}"))
         run_dir = new_run_dir(cfg)
         RunWriter(run_dir).write_config(cfg)
-        runs.append((algorithm, cfg, run_dir))
+        runs.append((method, cfg, run_dir))
     _connect_and_check(base, address, runs=len(runs))
     summaries = _run_and_report(runs)
     click.echo("")
     click.echo(_summary_table(summaries))
     for label, _, run_dir in runs:
-        click.echo(f"{label:>8s}: {run_dir}")
+        click.echo(f"{label:>12s}: {run_dir}")
     figure = _inertia_figure([d for _, _, d in runs])
     if figure:
         click.echo(f"inertia figure: {figure}")

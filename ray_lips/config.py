@@ -7,6 +7,7 @@ without touching data or Ray is made here, so a bad value stops with one message
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -87,12 +88,35 @@ class LipsConfig(_Strict):
     scorer: Literal["sensitivity", "magnitude", "gradient", "random"] = "sensitivity"
 
 
+class FedProxConfig(_Strict):
+    mu: float = Field(0.01, ge=0)  # weight of the proximal term (mu / 2) ||w - w_start||^2
+
+
+class ScaffoldConfig(_Strict):
+    server_lr: float = Field(1.0, gt=0)  # server step size (1: the clients' average)
+
+
+class FedPerConfig(_Strict):
+    personal_layers: int = Field(1, ge=1)  # trailing parameter-owning layers kept local
+
+
+class DittoConfig(_Strict):
+    lam: float = Field(0.1, ge=0)  # weight of the personal objective's (lam / 2) ||v - w||^2
+    personal_epochs: int | None = Field(None, ge=1)  # default: train.local_epochs
+
+
 class ResourcesConfig(_Strict):
     pools: int = Field(2, ge=1)
     cpus_per_pool: float = Field(1, gt=0)
     gpus_per_pool: float = Field(0, ge=0)
     driver_cpus: float = Field(0, ge=0)
     timeout_s: float = Field(3600, gt=0)
+    client_state_mb: float = Field(4096, gt=0)  # per pool; beyond it client state spills to disk
+    spill_dir: str | None = None  # where spilled client state goes (default: the system temp)
+
+
+ALGORITHM_NAMES = ("fedavg", "fedprox", "scaffold", "fedper", "ditto", "local")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
 
 class ExperimentConfig(_Strict):
@@ -104,10 +128,38 @@ class ExperimentConfig(_Strict):
         "resnet8_1d", "resnet10_1d", "vgg11_bn_1d",
     ] = "smallcnn"
     train: TrainConfig = TrainConfig()
-    algorithm: Literal["fedavg", "lips"] = "lips"
+    algorithm: Literal["fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"] = "fedavg"
+    handout: Literal["dense", "lips"] = "dense"
     lips: LipsConfig = LipsConfig()
+    fedprox: FedProxConfig = FedProxConfig()
+    scaffold: ScaffoldConfig = ScaffoldConfig()
+    fedper: FedPerConfig = FedPerConfig()
+    ditto: DittoConfig = DittoConfig()
     resources: ResourcesConfig = ResourcesConfig()
     output: str = "runs"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, tree: Any) -> Any:
+        """``algorithm: lips`` (and a config naming neither key, as before hand-outs were
+        separate) is FedAvg with the LIPS hand-out."""
+        if not isinstance(tree, dict):
+            return tree
+        algorithm, handout = tree.get("algorithm"), tree.get("handout")
+        if algorithm == "lips" or (algorithm is None and handout is None):
+            if handout not in (None, "lips"):
+                raise ValueError(f"algorithm: 'lips' is FedAvg with the LIPS hand-out, but "
+                                 f"handout is {handout!r}; use algorithm: fedavg")
+            return {**tree, "algorithm": "fedavg", "handout": "lips"}
+        return tree
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not SAFE_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} must be one safe folder name (letters, digits and "
+                             "._+=-, starting with a letter or digit): it names run folders")
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -140,6 +192,13 @@ class ExperimentConfig(_Strict):
                 f"data.test_per_client: {d.test_per_client} exceeds the {info.test_size} test "
                 f"samples of {d.dataset}"
             )
+        from ray_lips.algorithms import ALGORITHMS
+
+        if self.handout == "lips" and not ALGORITHMS[self.algorithm].sparse_handout:
+            raise ValueError(
+                f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
+                "sparsifies a global model each client is handed; use fedavg, fedprox or "
+                "scaffold, or handout: dense)")
         if self.resources.pools > d.clients:
             raise ValueError(
                 f"resources.pools: {self.resources.pools} pools for {d.clients} clients; "
@@ -176,6 +235,17 @@ def set_key(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def set_keys(tree: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set dotted keys in place. Setting ``algorithm`` without ``handout`` also resets the
+    hand-out to what that algorithm value alone means (``lips``: the LIPS hand-out; any other
+    algorithm: dense), so a sweep variant or ``--set algorithm=fedavg`` on a LIPS config is
+    plain FedAvg, whatever hand-out the base names."""
+    if "algorithm" in overrides and "handout" not in overrides:
+        tree.pop("handout", None)
+    for key, value in overrides.items():
+        set_key(tree, key, value)
+
+
 def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The inverse of :func:`set_key`: ``{"lips": {"sparsity": 0.5}}`` ->
     ``{"lips.sparsity": 0.5}``; lists stay values."""
@@ -192,11 +262,13 @@ def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
     """Return a copy of ``tree`` with ``key=value`` overrides applied."""
     tree = copy.deepcopy(tree)
+    parsed = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        set_key(tree, key.strip(), parse_value(raw))
+        parsed[key.strip()] = parse_value(raw)
+    set_keys(tree, parsed)
     return tree
 
 

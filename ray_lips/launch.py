@@ -12,10 +12,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_lips.aggregate import DivergenceError
 from ray_lips.config import ExperimentConfig
-from ray_lips.experiment import FederatedRun
-from ray_lips.ray_pools import RayPoolFactory
+from ray_lips.engine.aggregate import DivergenceError
+from ray_lips.engine.experiment import FederatedRun
+from ray_lips.engine.ray_pools import RayPoolFactory
 from ray_lips.results import RunWriter
 
 
@@ -58,7 +58,7 @@ def start_driver(cfg: ExperimentConfig, run_dir: Path) -> Any:
     return driver_cls.options(
         num_cpus=cfg.resources.driver_cpus,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(cfg.to_dict(), str(run_dir), RayPoolFactory(cfg.resources))
+    ).remote(cfg, str(run_dir), RayPoolFactory(cfg.resources))
 
 
 def _failure_status(err: BaseException) -> str:

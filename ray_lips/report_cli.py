@@ -7,6 +7,7 @@ import sys
 import click
 
 METRICS = ("acc_global", "acc_after", "acc_before", "acc_test")
+BASELINES = ("own", "fedavg")  # analysis.methods.BASELINES, without importing pandas here
 
 
 @click.command("report")
@@ -19,12 +20,22 @@ METRICS = ("acc_global", "acc_after", "acc_before", "acc_test")
 @click.option("--last-round", is_flag=True,
               help="Use the last evaluated round instead of the mean over the last "
                    "train.final_window evaluated rounds.")
-def report(dirs: tuple[str, ...], out: str | None, metric: str, last_round: bool) -> None:
-    """Write a Markdown report of the runs found under DIR(s) and print its path."""
+@click.option("--baseline", default="own", show_default=True, type=click.Choice(BASELINES),
+              help="What gains and paired comparisons are against: 'own' = the same algorithm "
+                   "with the same knobs and the dense hand-out (FedProx+LIPS against FedProx); "
+                   "'fedavg' = plain dense FedAvg for every method.")
+def report(dirs: tuple[str, ...], out: str | None, metric: str, last_round: bool,
+           baseline: str) -> None:
+    """Write a Markdown report of the runs found under DIR(s) and print its path.
+
+    One row per method (algorithm, its knobs, hand-out), labelled e.g.
+    ``fedprox(mu=0.01)+lips s=0.7 T=5``; gains against the chosen baseline.
+    """
     from analysis.report import NoRunsError, build_report
 
     try:
-        path = build_report(list(dirs), out=out, metric=metric, windowed=not last_round)
+        path = build_report(list(dirs), out=out, metric=metric, windowed=not last_round,
+                            baseline=baseline)
     except NoRunsError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

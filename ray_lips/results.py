@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,16 @@ CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 2
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used to resume."""
+
+
 def new_run_dir(cfg: ExperimentConfig, output: str | Path | None = None) -> Path:
     """A fresh, uniquely named directory under ``output`` (default: the config's)."""
     base = Path(output if output is not None else cfg.output).expanduser().resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    stem = f"{cfg.name}_{cfg.algorithm}_s{cfg.seed}_{stamp}"
+    method = cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
+    stem = f"{cfg.name}_{method}_s{cfg.seed}_{stamp}"
     for suffix in range(1000):
         path = base / (stem if suffix == 0 else f"{stem}_{suffix}")
         try:
@@ -103,7 +109,15 @@ class RunWriter:
         return found[-1] if found else None
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any] | None:
+        """The latest (or the given) checkpoint, read with ``weights_only``: tensors and plain
+        values only, so a crafted file in a shared run folder cannot run code."""
         path = path or self.latest_checkpoint()
         if path is None:
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds objects other than tensors and plain "
+                f"values, which a ray-lips checkpoint never does (a crafted or foreign file?): "
+                f"{str(err).splitlines()[0]}") from None

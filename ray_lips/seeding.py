@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 # Distinct streams for each use of randomness.
-PURPOSES = {"init": 0, "participants": 1, "batches": 2, "augment": 3, "scorer": 4, "finetune": 5}
+PURPOSES = {"init": 0, "participants": 1, "batches": 2, "augment": 3, "scorer": 4, "finetune": 5,
+            "personal_batches": 6, "personal_augment": 7}
 
 
 def derive_seed(seed: int, purpose: str, *keys: int) -> int:

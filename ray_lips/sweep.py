@@ -35,7 +35,7 @@ from ray_lips.config import (
     apply_overrides,
     flatten_keys,
     read_yaml,
-    set_key,
+    set_keys,
     validate_config,
 )
 
@@ -118,8 +118,7 @@ class SweepSpec:
 def trial_config(base: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
     """The base config tree with dotted overrides applied (a new tree)."""
     tree = copy.deepcopy(base)
-    for key, value in overrides.items():
-        set_key(tree, key, value)
+    set_keys(tree, overrides)
     return tree
 
 
@@ -190,6 +189,9 @@ def trial_label(overrides: Overrides, limit: int = 80) -> str:
     for key, value in overrides.items():
         if key == "algorithm":
             parts.append(str(value))
+        elif key == "handout":
+            if value != "dense":
+                parts.append(str(value))
         elif key == "seed":
             parts.append(f"s{value}")
         elif key in ("data.dataset", "model"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,38 @@ class LocalSettings:
     precision: str = "fp32"
 
 
+@dataclass(frozen=True)
+class Correction:
+    """A term added to each parameter's loss gradient during local training, before clipping
+    and the optimiser step: ``coef * (w - anchor[name]) + offset[name]``.
+
+    FedProx's proximal term (``coef`` = mu, ``anchor`` = the start model), SCAFFOLD's control
+    variate correction (``offset`` = c - c_i) and Ditto's personal objective are all of this
+    form, so one mechanism serves both training paths. Names missing from ``anchor`` or
+    ``offset`` get no term from them.
+    """
+
+    coef: float = 0.0
+    anchor: Mapping[str, torch.Tensor] | None = None
+    offset: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def is_zero(self) -> bool:
+        return (self.coef == 0.0 or self.anchor is None) and self.offset is None
+
+
+def correct_gradients(params: Mapping[str, torch.Tensor], correction: Correction) -> None:
+    """Add ``correction``'s term to ``params``' gradients in place (separately rounded
+    multiplies and adds, as the batched path computes them)."""
+    with torch.no_grad():
+        for name, param in params.items():
+            if correction.coef and correction.anchor is not None and name in correction.anchor:
+                anchor = correction.anchor[name].to(param.device, param.dtype)
+                param.grad.add_(torch.sub(param, anchor).mul_(correction.coef))
+            if correction.offset is not None and name in correction.offset:
+                param.grad.add_(correction.offset[name].to(param.device, param.dtype))
+
+
 @dataclass
 class LocalResult:
     loss: float                                # mean training loss over all local steps
@@ -47,13 +80,18 @@ def precision_autocast(device: torch.device, precision: str):
 
 def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: LocalSettings,
                 norm: Normalisation, batch_gen: torch.Generator, augment_gen: torch.Generator,
-                remember: list[str] | None = None) -> LocalResult:
+                remember: list[str] | None = None,
+                correction: Correction | None = None) -> LocalResult:
     """Train ``model`` in place for ``settings.epochs`` epochs with a fresh SGD optimiser.
 
     Batch order comes from ``batch_gen`` and augmentation from ``augment_gen`` (both CPU
-    generators seeded by the caller from seed, client and round). When ``remember`` names
-    parameters, their gradients on the last mini-batch of the last epoch are returned in fp16.
+    generators seeded by the caller from seed, client and round). ``correction`` (an
+    algorithm's term of the local objective) is added to every step's gradient. When
+    ``remember`` names parameters, their gradients on the last mini-batch of the last epoch
+    (the corrected, clipped gradient the optimiser steps with) are returned in fp16.
     """
+    if correction is not None and correction.is_zero:
+        correction = None
     device = x.device
     params = dict(model.named_parameters())
     optimiser = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
@@ -72,6 +110,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
             with precision_autocast(device, settings.precision):
                 loss = nn.functional.cross_entropy(model(inputs), y[idx])
             loss.backward()
+            if correction is not None:
+                correct_gradients(params, correction)
             if settings.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             is_last = epoch == settings.epochs - 1 and start + settings.batch_size >= n

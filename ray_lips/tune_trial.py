@@ -25,10 +25,10 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
-from ray_lips.aggregate import DivergenceError
 from ray_lips.config import ExperimentConfig, validate_config
-from ray_lips.experiment import FederatedRun
-from ray_lips.ray_pools import RayPoolFactory
+from ray_lips.engine.aggregate import DivergenceError
+from ray_lips.engine.experiment import FederatedRun
+from ray_lips.engine.ray_pools import RayPoolFactory
 from ray_lips.results import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -50,10 +50,9 @@ from ray_lips.sweep import (
 
 SPEC_FILE = "sweep_spec.yaml"
 WINDOW_KEYS = ("acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window")
-# Test-only fault injection: a trial config entry naming the round after which the trial
-# crashes once (a marker file in the run directory makes the retry go through).
-FAULT_KEY = "_crash_once_after_round"
-_FAULT_MARKER = ".crash_injected"
+# Called in the trial after every round with the round's row and the run directory (shipped to
+# the trial's worker with the trainable): progress hooks, and fault injection in tests.
+AfterRound = Callable[[dict[str, Any], Path], None]
 
 
 # ----- the trial ------------------------------------------------------------------------------
@@ -131,15 +130,13 @@ def _pool_factory(cfg: ExperimentConfig) -> RayPoolFactory:
     return RayPoolFactory(cfg.resources, placement_group=group, first_bundle=first)
 
 
-def _drive(run: FederatedRun, writer: RunWriter, crash_after: int | None) -> None:
+def _drive(run: FederatedRun, writer: RunWriter, after_round: AfterRound | None) -> None:
     """Rounds until the end, reporting evaluated and checkpointed rounds; then the summary."""
     last = writer.latest_checkpoint()
     while not run.done:
         row = run.run_round()
-        if crash_after is not None and row["round"] == crash_after \
-                and not (writer.dir / _FAULT_MARKER).exists():
-            (writer.dir / _FAULT_MARKER).touch()
-            raise RuntimeError(f"injected crash after round {crash_after} (test)")
+        if after_round is not None:
+            after_round(row, writer.dir)
         newest = writer.latest_checkpoint()
         fresh = newest if newest != last else None
         last = newest
@@ -151,7 +148,8 @@ def _drive(run: FederatedRun, writer: RunWriter, crash_after: int | None) -> Non
     _report(final, writer.latest_checkpoint(), writer)
 
 
-def lips_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+def lips_trial(config: dict[str, Any], base: dict[str, Any],
+               after_round: AfterRound | None = None) -> None:
     """The Tune function trainable: one federated run, reported round by round."""
     cfg = resolve_trial(base, config)
     writer = RunWriter(trial_run_dir())
@@ -163,8 +161,8 @@ def lips_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     try:
         adopt_checkpoint(tune.get_checkpoint(), writer)
         writer.write_config(cfg)
-        run = FederatedRun(cfg.to_dict(), writer.dir, _pool_factory(cfg))
-        _drive(run, writer, config.get(FAULT_KEY))
+        run = FederatedRun(cfg, writer.dir, _pool_factory(cfg))
+        _drive(run, writer, after_round)
     except DivergenceError as err:
         writer.write_status("diverged", error=f"DivergenceError: {err}")
         raise
@@ -178,14 +176,15 @@ def lips_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
 
 
 # ----- Tune plumbing --------------------------------------------------------------------------
-def make_trainable(base: dict[str, Any]) -> Any:
+def make_trainable(base: dict[str, Any], after_round: AfterRound | None = None) -> Any:
     """``lips_trial`` bound to the base config, with each trial's placement group."""
 
     def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         return tune.PlacementGroupFactory(trial_bundles(resolve_trial(base, config)),
                                           strategy="PACK")
 
-    return tune.with_resources(tune.with_parameters(lips_trial, base=base), resources=resources)
+    trainable = tune.with_parameters(lips_trial, base=base, after_round=after_round)
+    return tune.with_resources(trainable, resources=resources)
 
 
 def trial_name(trial: Trial) -> str:
@@ -200,11 +199,10 @@ def _domain(dim: Dimension) -> Any:
     return tune.loguniform(*dim.values)
 
 
-def param_space(spec: SweepSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def param_space(spec: SweepSpec) -> dict[str, Any]:
     space: dict[str, Any] = {"overrides": tune.grid_search(spec.trials)}
     if spec.random:
         space["sampled"] = {d.key: _domain(d) for d in spec.random}
-    space.update(extra or {})
     return space
 
 
@@ -241,10 +239,10 @@ def make_scheduler(spec: SchedulerSpec | None) -> ASHAScheduler | None:
 
 
 def build_tuner(spec: SweepSpec, callbacks: Sequence[tune.Callback] = (),
-                extra_params: dict[str, Any] | None = None) -> tune.Tuner:
+                after_round: AfterRound | None = None) -> tune.Tuner:
     return tune.Tuner(
-        make_trainable(spec.base),
-        param_space=param_space(spec, extra_params),
+        make_trainable(spec.base, after_round),
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, scheduler=make_scheduler(spec.scheduler),
             max_concurrent_trials=spec.max_concurrent_trials, time_budget_s=spec.time_budget_s,
@@ -287,11 +285,11 @@ def can_resume(experiment_dir: Path) -> bool:
 
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[tune.Callback] = (),
-              extra_params: dict[str, Any] | None = None) -> tune.ResultGrid:
+              after_round: AfterRound | None = None) -> tune.ResultGrid:
     """Fit the sweep (Ray must be connected).
 
     ``resume`` restores the experiment directory with the trials, callbacks and settings it was
-    started with; ``callbacks`` and ``extra_params`` (test hooks) only apply to a new sweep.
+    started with; ``callbacks`` and ``after_round`` only apply to a new sweep.
     """
     if resume:
         saved = saved_spec(spec.experiment_dir) or {}
@@ -300,7 +298,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[tune
                                    resume_unfinished=True, resume_errored=True)
     else:
         save_spec(spec)
-        tuner = build_tuner(spec, callbacks, extra_params)
+        tuner = build_tuner(spec, callbacks, after_round)
     return tuner.fit()
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ray_lips.aggregate import DivergenceError, add_client, add_sums, fedavg, to_state
+from ray_lips.engine.aggregate import DivergenceError, add_client, add_sums, fedavg, to_state
 
 
 def _bn_model(seed: int) -> nn.Module:

@@ -10,9 +10,9 @@ from scipy import stats
 from test_loaders import METHODS, SEEDS, shared_sweep
 
 from analysis import figures
+from analysis.loaders import load
 from analysis.paired import paired_stats, paired_table, verdict
 from analysis.tables import Table, best_table, final_table, gain_grid, to_markdown
-from ray_lips.loaders import load
 
 SETTING = "digits/smallcnn lr=0.05"
 
@@ -70,18 +70,21 @@ def test_final_table_shows_both_finetune_scores_and_dashes_for_fedavg(frames, fi
         assert data.loc[(SETTING, method), "acc_finetune_bnrecal_mean"] == pytest.approx(
             row["acc_finetune_bnrecal"])
     shown = final.display
-    assert {"acc_finetune", "acc_finetune_bnrecal", "gain vs FedAvg", "n"} <= set(shown.columns)
-    fedavg = shown[(shown["algorithm"] == "fedavg") & (shown["n"] == 3)].iloc[0]
-    assert (fedavg["sparsity"], fedavg["period"], fedavg["gain vs FedAvg"]) == ("-", "-", "-")
+    assert {"acc_finetune", "acc_finetune_bnrecal", "method", "baseline", "gain",
+            "n"} <= set(shown.columns)
+    fedavg = shown[(shown["method"] == "fedavg") & (shown["n"] == 3)].iloc[0]
+    assert (fedavg["baseline"], fedavg["gain"]) == ("-", "-")  # a baseline has no gain
+    lips = shown[shown["method"] == "fedavg+lips s=0.5 T=2"].iloc[0]
+    assert lips["baseline"] == "fedavg" and lips["gain"].startswith(("+", "-0"))
     assert " ± " in fedavg["acc_global_window"]
 
 
 def test_unfinished_runs_stay_out_of_the_numbers_but_show_up(final):
     data = final.data.set_index(["setting", "method"])
-    # trial_running, trial_killed and trial_failed have the config of lips s=0.5 T=2 seed 0:
-    # counted, not averaged
-    assert data.loc[(SETTING, "lips s=0.5 T=2"), "not_finished"] == 3
-    assert data.loc[(SETTING, "lips s=0.5 T=2"), "seeds"] == 3
+    # trial_running, trial_killed and trial_failed have the config of fedavg+lips s=0.5 T=2
+    # seed 0: counted, not averaged
+    assert data.loc[(SETTING, "fedavg+lips s=0.5 T=2"), "not_finished"] == 3
+    assert data.loc[(SETTING, "fedavg+lips s=0.5 T=2"), "seeds"] == 3
     diverged = data.loc[("digits/smallcnn lr=1e+06", "fedavg")]
     assert diverged["seeds"] == 0 and diverged["not_finished"] == 1
     assert "not finished" in final.display.columns
@@ -137,19 +140,21 @@ def test_within_noise_is_marked_not_called_a_gain(frames):
     runs = frames.runs
     two_seeds = runs[runs["seed"] != 2]  # at most two paired seeds: never a gain
     table = final_table(two_seeds)
-    lips = table.display[table.display["algorithm"] == "lips"]
-    assert lips["gain vs FedAvg"].str.endswith("(within noise)").all()
+    lips = table.display[table.display["method"].str.startswith("fedavg+lips")]
+    assert len(lips) == len(METHODS) - 1
+    assert lips["gain"].str.endswith("(within noise)").all()
     assert set(paired_table(two_seeds).data["verdict"]) == {"within noise"}
 
 
 def test_best_table_picks_the_highest_lips_mean(final):
     best = best_table(final)
-    lips = final.data[(final.data["setting"] == SETTING) & (final.data["algorithm"] == "lips")]
+    lips = final.data[(final.data["setting"] == SETTING) & (final.data["handout"] == "lips")]
     top = lips.loc[lips["acc_global_window_mean"].idxmax()]
     row = best.data.set_index("setting").loc[SETTING]
     assert row["method"] == top["method"]
-    fedavg = final.data[(final.data["setting"] == SETTING) & (final.data["algorithm"] == "fedavg")]
-    assert row["fedavg_mean"] == pytest.approx(fedavg["acc_global_window_mean"].iloc[0])
+    fedavg = final.data[(final.data["setting"] == SETTING) & (final.data["method"] == "fedavg")]
+    assert row["baseline"] == "fedavg"
+    assert row["baseline_mean"] == pytest.approx(fedavg["acc_global_window_mean"].iloc[0])
     assert row["candidates"] == 3
     assert "optimistic" in best.caption
 
@@ -183,8 +188,8 @@ def test_curves_have_one_line_and_band_per_method(frames, tmp_path):
     assert ax.get_title() == SETTING and ax.get_xlabel() == "round"
     assert ax.get_ylabel().startswith("acc_global")
     labels = [line.get_label() for line in ax.get_lines()]
-    assert labels == ["fedavg (n=3)", "lips s=0.5 T=2 (n=3)", "lips s=0.5 T=3 (n=3)",
-                      "lips s=0.7 T=2 (n=3)"]
+    assert labels == ["fedavg (n=3)", "fedavg+lips s=0.5 T=2 (n=3)",
+                      "fedavg+lips s=0.5 T=3 (n=3)", "fedavg+lips s=0.7 T=2 (n=3)"]
     assert len(ax.collections) == len(METHODS)  # the bands
     shaded = [p for p in ax.patches if p.get_label() == "final window (3 rounds)"]
     assert len(shaded) == 1 and shaded[0].get_x() == pytest.approx(2.5)  # rounds 3, 4, 5
@@ -219,14 +224,14 @@ def test_inertia_figure_of_a_comparison(frames, tmp_path):
 
 
 def test_inertia_heat_maps_are_layers_by_rounds_on_one_colour_scale(frames):
-    methods = ["fedavg", "lips s=0.5 T=2"]
+    methods = ["fedavg", "fedavg+lips s=0.5 T=2"]
     fig = figures.setting_inertia_figure(frames.layers, SETTING, methods)
     heat = [ax for ax in fig.axes if ax.images]
     one_run = frames.layers[frames.layers["run_id"] == "trial_fedavg_s0.5_T2_seed0"]
     layers, rounds = one_run["layer"].nunique(), one_run["round"].nunique()
     assert len(heat) == 2
     assert [ax.get_title() for ax in heat] == ["fedavg (mean of 3 seeds)",
-                                               "lips s=0.5 T=2 (mean of 3 seeds)"]
+                                               "fedavg+lips s=0.5 T=2 (mean of 3 seeds)"]
     for ax in heat:
         assert ax.images[0].get_array().shape == (layers, rounds)
     norms = [ax.images[0].norm for ax in heat]
@@ -239,7 +244,7 @@ def test_inertia_heat_maps_are_layers_by_rounds_on_one_colour_scale(frames):
     starred = [t.get_text().startswith("* ") for t in ticks]
     assert starred == list(order["eligible"]) and any(starred)
     # the mean over seeds is what is drawn
-    lips = frames.layers[(frames.layers["method"] == "lips s=0.5 T=2")
+    lips = frames.layers[(frames.layers["method"] == "fedavg+lips s=0.5 T=2")
                          & (frames.layers["status"] == "finished")]
     expected = lips.pivot_table(index="layer_index", columns="round", values="rel_update",
                                 aggfunc="mean").to_numpy()

@@ -65,3 +65,23 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(bad)
+
+
+def test_setting_the_algorithm_alone_resets_the_handout_it_implies(tmp_path):
+    """A LIPS config with ``--set algorithm=fedavg`` (or a sweep variant ``algorithm: fedavg``)
+    is plain FedAvg, whether the file says ``algorithm: lips`` or the resolved form."""
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text("algorithm: lips\n")
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(validate_config({"algorithm": "lips"}).to_yaml())
+    for path in (legacy, resolved):
+        assert load_config(path).handout == "lips"
+        assert load_config(path, ["algorithm=fedavg"]).handout == "dense"
+        assert load_config(path, ["algorithm=fedprox", "handout=lips"]).handout == "lips"
+        assert load_config(path, ["algorithm=lips"]).algorithm == "fedavg"
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".", "..", "", "x y"])
+def test_run_names_are_one_safe_folder_name(name):
+    with pytest.raises(ConfigError, match="name: .*one safe folder name"):
+        validate_config({"name": name})

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from ray_lips.config import validate_config
-from ray_lips.experiment import FederatedRun, run_local
+from ray_lips.engine.experiment import FederatedRun, run_local
 from ray_lips.results import RunWriter
 
 TABLE_COLUMNS = {
@@ -79,12 +79,12 @@ def test_resume_after_a_stop_ends_with_the_same_numbers(tmp_path, tiny_config):
     cfg = validate_config(tiny_config)
     run_local(cfg, tmp_path / "straight")
 
-    run = FederatedRun(cfg.to_dict(), tmp_path / "stopped")
+    run = FederatedRun(cfg, tmp_path / "stopped")
     for _ in range(5):  # the process dies after round 4; the last checkpoint is after round 2
         run.run_round()
     run.close()
     del run
-    resumed = FederatedRun(cfg.to_dict(), tmp_path / "stopped")
+    resumed = FederatedRun(cfg, tmp_path / "stopped")
     assert resumed.round == 3
     while not resumed.done:
         resumed.run_round()

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from ray_lips.experiment import run_local
-from ray_lips.loaders import error_reason, find_runs, load, load_runs
+from analysis.loaders import error_reason, find_runs, load, load_runs
+from ray_lips.engine.experiment import run_local
 
 SEEDS = (0, 1, 2)
 METHODS = (("fedavg", 0.5, 2), ("lips", 0.5, 2), ("lips", 0.7, 2), ("lips", 0.5, 3))
@@ -152,8 +152,16 @@ def test_runs_frame_has_one_row_per_run_with_config_and_metric_columns(frames):
         assert col in runs, col
     done = runs[runs["status"] == "finished"]
     assert len(done) == len(SEEDS) * len(METHODS)
-    assert set(done["method"]) == {"fedavg", "lips s=0.5 T=2", "lips s=0.7 T=2", "lips s=0.5 T=3"}
-    assert done.loc[done["algorithm"] == "fedavg", ["sparsity", "period"]].isna().all().all()
+    # legacy folders: ``algorithm: lips`` is FedAvg with the LIPS hand-out, no handout key dense
+    assert set(done["method"]) == {"fedavg", "fedavg+lips s=0.5 T=2", "fedavg+lips s=0.7 T=2",
+                                   "fedavg+lips s=0.5 T=3"}
+    assert set(done["algorithm"]) == {"fedavg"} and set(done["base_method"]) == {"fedavg"}
+    dense = done[done["handout"] == "dense"]
+    assert len(dense) == len(SEEDS) and set(dense["method"]) == {"fedavg"}
+    assert dense[["sparsity", "period"]].isna().all().all()
+    lips = done[done["handout"] == "lips"]
+    assert (lips["sparsity"] == lips["lips.sparsity"]).all()
+    assert (lips["period"] == lips["lips.period"]).all()
     # the diverged run used another learning rate, so the labels name it
     assert set(done["setting"]) == {"digits/smallcnn lr=0.05"}
     assert runs.set_index("run_id").loc["trial_diverged", "setting"] == "digits/smallcnn lr=1e+06"
@@ -201,8 +209,8 @@ def test_partial_runs_contribute_their_rows_and_no_more(frames):
 def test_child_frames_carry_keys_and_line_up_with_the_files(frames):
     for name in ("rounds", "layers", "clients"):
         table = getattr(frames, name)
-        for col in ("run_id", "setting", "method", "algorithm", "sparsity", "period", "seed",
-                    "data.dataset", "model", "status"):
+        for col in ("run_id", "setting", "method", "base_method", "algorithm", "handout",
+                    "sparsity", "period", "seed", "data.dataset", "model", "status"):
             assert col in table, (name, col)
     finished = frames.runs[frames.runs["status"] == "finished"]
     some = finished.iloc[0]

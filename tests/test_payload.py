@@ -8,7 +8,7 @@ import torch
 
 from ray_lips.config import validate_config
 from ray_lips.data import load_dataset
-from ray_lips.experiment import build_payloads
+from ray_lips.engine.experiment import build_payloads
 
 
 def test_pickled_payload_carries_each_clients_data_once_and_exactly():

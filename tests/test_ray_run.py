@@ -4,7 +4,7 @@ import pandas as pd
 import torch
 
 from ray_lips.config import validate_config
-from ray_lips.experiment import run_local
+from ray_lips.engine.experiment import run_local
 from ray_lips.launch import run_on_ray
 from ray_lips.results import RunWriter
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from test_loaders import UNFINISHED, shared_sweep
 
+from analysis.loaders import find_runs, load_runs
 from analysis.report import NoRunsError, build_report
 from analysis.tables import final_table
-from ray_lips.loaders import find_runs, load_runs
 from ray_lips.report_cli import report
 
 LINK = re.compile(r"\]\(([^)]+)\)")
@@ -41,7 +41,9 @@ def test_report_holds_the_final_table_rows(sweep, built):
     for _, row in table.display.iterrows():
         cells = " | ".join(str(v) for v in row.to_numpy())
         assert f"| {cells} |" in section
-    assert "fedavg | - | - | 3 |" in section
+    # FedAvg is the baseline: no baseline and no gain of its own
+    assert re.search(r"\| fedavg \| 3 \| [0-9.]+ ± [0-9.]+ \| - \| - \|", section)
+    assert "| method | n | acc_global_window | baseline | gain |" in section
     assert "acc_finetune | acc_finetune_bnrecal" in section
     assert "(within noise)" in section  # three tiny seeds: nothing is called a gain
 
@@ -51,12 +53,14 @@ def test_report_explains_itself(built):
     how = _section(text, "How to read this")
     assert "`acc_global`" in how and "last 3 evaluated rounds" in how
     assert "within noise" in how and "paired t-test" in how and "acc_finetune_bnrecal" in how
-    for title in ("Paired comparisons (LIPS - FedAvg, per seed)", "Best LIPS setting per dataset",
+    for title in ("Paired comparisons (method - baseline, per seed)",
+                  "Best method per setting and baseline",
                   "Gain heat map (sparsity x period)", "Accuracy versus round",
                   "Layer-wise inertia", "Runs not finished", "All runs"):
         assert f"\n## {title}\n" in text, title
-    assert "| lips s=0.5 T=2 | acc_global_window | 3 |" in _section(
-        text, "Paired comparisons (LIPS - FedAvg, per seed)")
+    assert "| fedavg+lips s=0.5 T=2 | fedavg | acc_global_window | 3 |" in _section(
+        text, "Paired comparisons (method - baseline, per seed)")
+    assert "`--baseline own`" in text and "Baseline" in how
 
 
 def test_every_link_points_at_a_file_and_every_figure_is_linked(built):

@@ -1,12 +1,14 @@
-"""Many clients, few participants: rounds cost what the participants cost, memory stays flat."""
+"""Many clients, few participants: a round trains and keeps state for its participants only.
+
+Memory and time per round are measured in benchmarks/bench_scale.py, not asserted here.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ray_lips.config import validate_config
-from ray_lips.experiment import FederatedRun
-from ray_lips.memory import current_rss_mb
+from ray_lips.engine.experiment import FederatedRun
 
 CLIENTS, PARTICIPATION = 2000, 0.01
 
@@ -31,20 +33,17 @@ def test_rounds_with_2000_clients_train_only_their_participants(tmp_path):
     cfg = validate_config(scale_config())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a pool actor with one CPU; robust on a busy machine
-    run = FederatedRun(cfg.to_dict(), tmp_path)
+    run = FederatedRun(cfg, tmp_path)
     try:
         pools = run.pools.pools
         assert sum(len(p.shards) for p in pools) == CLIENTS
-        rss = []
         for round_idx in range(3):
             row = run.run_round()
             assert row["round"] == round_idx and row["participants"] == 20
             assert row["acc_after"] == row["acc_after"]  # evaluated (not NaN)
             # per-client state kept between rounds: only this round's participants' gradients
-            assert sum(len(p.grads) for p in pools) == 20
-            rss.append(current_rss_mb())
+            assert sum(len(p.store.clients("lips.grad")) for p in pools) == 20
         assert run.round == 3 and len(run.rounds_rows) == 3
-        assert rss[-1] - rss[0] < 100, rss  # no growth with rounds beyond allocator noise
     finally:
         run.close()
         torch.set_num_threads(threads)

@@ -60,15 +60,16 @@ def test_named_variant_axes_are_crossed():
     assert {(c.data.dataset, c.model) for c in configs} == {
         ("cifar10", "vgg11_bn"), ("cifar100", "resnet8"), ("tinyimagenet", "resnet10")}
     assert {c.data.clients for c in configs if c.data.dataset == "tinyimagenet"} == {40}
-    assert sum(c.algorithm == "fedavg" for c in configs) == 3 * 3
+    assert sum(c.handout == "dense" for c in configs) == 3 * 3
 
 
 def test_mnist1d_spec_matches_issue_6():
     spec = load_spec(SWEEPS / "mnist1d_resnet8.yaml")
     configs = spec.trial_configs()
     assert len(configs) == 15
-    assert {(c.algorithm, c.lips.sparsity if c.algorithm == "lips" else None) for c in configs} \
-        == {("fedavg", None), ("lips", 0.5), ("lips", 0.7)}
+    assert {(c.handout, c.lips.sparsity if c.handout == "lips" else None) for c in configs} \
+        == {("dense", None), ("lips", 0.5), ("lips", 0.7)}
+    assert {c.algorithm for c in configs} == {"fedavg"}
     c = configs[0]
     assert (c.data.dataset, c.model, c.data.clients, c.data.train_per_client, c.data.alpha,
             c.train.rounds, c.train.batch_size, c.train.local_epochs, c.train.lr,
@@ -108,7 +109,7 @@ def test_grid_random_dims_and_set_overrides(tmp_path, tiny_config):
     ({"grid": {"seed": []}}, "sweep.grid.seed: empty list"),
     ({"grid": {"seed": 3}}, "sweep.grid.seed: expected a list"),
     ({"grid": {"lips.sparsity": [0.5, 1.5]}}, "sweep.grid.lips.sparsity: value 1.5 is invalid"),
-    ({"grid": {"algorithm": ["fedavg", "fedprox"]}}, "sweep.grid.algorithm: value 'fedprox'"),
+    ({"grid": {"algorithm": ["fedavg", "fedsgd"]}}, "sweep.grid.algorithm: value 'fedsgd'"),
     ({"variants": [{"algorithm": "lips", "grid": {"train.lr": [0]}}]},
      "sweep.variants[0].grid.train.lr: value 0 is invalid"),
     ({"variants": {"algo": [{"algorithm": "lips", "lips.period": 0}]}},
@@ -208,3 +209,39 @@ def test_cli_resume_needs_an_experiment(tmp_path, tiny_config):
                                         f"sweep.storage_path={tmp_path}"])
     assert result.exit_code == 2
     assert "--resume: no sweep to resume in" in result.output
+
+
+def _methods(spec) -> set[tuple]:
+    return {(c.algorithm, c.handout, c.fedprox.mu if c.algorithm == "fedprox" else None)
+            for c in spec.trial_configs()}
+
+
+@pytest.mark.parametrize("name", ["baselines_mnist1d", "paper_baselines_cifar10"])
+def test_baseline_specs_cross_each_global_algorithm_with_lips(name):
+    spec = load_spec(SWEEPS / f"{name}.yaml")
+    assert spec.total_trials == 11 * 3
+    assert _methods(spec) == {
+        ("fedavg", "dense", None), ("fedavg", "lips", None),
+        ("fedprox", "dense", 0.01), ("fedprox", "dense", 0.1),
+        ("fedprox", "lips", 0.01), ("fedprox", "lips", 0.1),
+        ("scaffold", "dense", None), ("scaffold", "lips", None),
+        ("fedper", "dense", None), ("ditto", "dense", None), ("local", "dense", None)}
+    assert {c.seed for c in spec.trial_configs()} == {0, 1, 2}
+
+
+def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
+    """Each of the 11 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
+    with the grid's model (VGG11-BN) and every other setting as shipped."""
+    from ray_lips.engine.experiment import run_local
+
+    shrink = ["data.dataset=synthetic", "data.clients=4", "data.train_per_client=10",
+              "data.test_per_client=5", "train.rounds=2", "train.local_epochs=1",
+              "train.batch_size=5", "train.finetune_epochs=0", "train.eval_test_samples=10",
+              "resources.pools=2", "resources.gpus_per_pool=0", "sweep.grid.seed=[0]",
+              "data.synthetic.train_size=100", "data.synthetic.test_size=50"]
+    spec = load_spec(SWEEPS / "paper_baselines_cifar10.yaml", shrink)
+    assert spec.total_trials == 11
+    for k, cfg in enumerate(spec.trial_configs()):
+        assert cfg.model == "vgg11_bn" and cfg.lips.sparsity == 0.5
+        summary = run_local(cfg, tmp_path / f"t{k}")
+        assert summary["rounds_done"] == 2 and summary["acc_after_last"] >= 0

@@ -14,12 +14,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ray_lips.config import validate_config
-from ray_lips.experiment import FederatedRun, run_local
+from ray_lips.engine.experiment import FederatedRun, run_local
 from ray_lips.results import RunWriter
 from ray_lips.sweep import load_spec, parse_spec, trial_config
 from ray_lips.sweep_cli import sweep
 from ray_lips.tune_trial import (
-    FAULT_KEY,
     adopt_checkpoint,
     make_scheduler,
     pack_checkpoint,
@@ -59,8 +58,9 @@ def _trial_dirs(experiment: Path) -> list[Path]:
 
 
 def _reports(trial: Path) -> list[int]:
-    lines = (trial / "result.json").read_text().splitlines()
-    return [json.loads(line)["rounds_done"] for line in lines]
+    """Rounds of every report the trial made, across restarts (Tune's progress.csv; its
+    result.json may be replaced by the storage copy when a failed trial restarts)."""
+    return pd.read_csv(trial / "progress.csv")["rounds_done"].tolist()
 
 
 def _local_twin(tmp_path: Path, config: dict, name: str) -> Path:
@@ -141,7 +141,13 @@ def test_crashed_trial_retries_from_its_checkpoint(ray_local, tmp_path, tiny_con
     tiny_config["train"].update(rounds=6, checkpoint_every=3, local_epochs=1)
     tiny_config["resources"]["pools"] = 1
     spec = parse_spec({**tiny_config, "sweep": {"storage_path": str(tmp_path), "max_failures": 1}})
-    results = run_sweep(spec, extra_params={FAULT_KEY: 4})
+    def crash_once_after_round_4(row: dict, run_dir: Path) -> None:  # runs in the trial
+        marker = run_dir / ".crash_injected"
+        if row["round"] == 4 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected crash after round 4 (test)")
+
+    results = run_sweep(spec, after_round=crash_once_after_round_4)
     assert results.num_errors == 0
     (trial,) = _trial_dirs(tmp_path / "tiny")
     assert (trial / ".crash_injected").exists()
@@ -155,21 +161,21 @@ def test_a_tune_checkpoint_restores_a_trial_whose_directory_is_gone(tmp_path, ti
     """What a retried or restored trial does first: adopt the Tune checkpoint's files."""
     tiny_config["train"].update(rounds=4, checkpoint_every=2, local_epochs=1)
     straight = _local_twin(tmp_path, tiny_config, "straight")
-    first = RunWriter(tmp_path / "first")
-    run = FederatedRun(tiny_config, first.dir)
-    for _ in range(2):
-        run.run_round()
-    run.close()
-    packed = tmp_path / "tune_checkpoint"
-    packed.mkdir()
-    pack_checkpoint(first, first.latest_checkpoint(), packed)
-
-    moved = RunWriter(tmp_path / "moved")  # a fresh directory: nothing of the first attempt
-    adopt_checkpoint(tune.Checkpoint.from_directory(str(packed)), moved)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the twin: the thread count can change a convolution's bits
     try:
-        resumed = FederatedRun(tiny_config, moved.dir)
+        first = RunWriter(tmp_path / "first")
+        run = FederatedRun(validate_config(tiny_config), first.dir)
+        for _ in range(2):
+            run.run_round()
+        run.close()
+        packed = tmp_path / "tune_checkpoint"
+        packed.mkdir()
+        pack_checkpoint(first, first.latest_checkpoint(), packed)
+
+        moved = RunWriter(tmp_path / "moved")  # a fresh directory: nothing of the first attempt
+        adopt_checkpoint(tune.Checkpoint.from_directory(str(packed)), moved)
+        resumed = FederatedRun(validate_config(tiny_config), moved.dir)
         assert resumed.round == 2
         while not resumed.done:
             resumed.run_round()

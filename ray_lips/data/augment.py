@@ -23,18 +23,20 @@ def prepare_batch(
     generator: torch.Generator | None = None,
     pad: int = 4,
 ) -> torch.Tensor:
-    """Return ``x`` as normalised float32 on its device, randomly cropped and flipped if asked.
+    """Return ``x`` as normalised float32 (float64 stays float64, for exactness checks) on its
+    device, randomly cropped and flipped if asked.
 
     ``uint8`` input is scaled to [0, 1] before ``(x - mean) / std`` per channel (dim 1).
     ``augment`` applies to 4-D image batches (N, C, H, W) only; other batches, such as 1-D
     signals (N, C, L), are just normalised. ``generator`` must be a CPU generator.
     """
-    out = x.to(torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = x.to(dtype)
     if x.dtype == torch.uint8:
         out = out / 255.0
     view = (1, -1) + (1,) * (x.dim() - 2)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(view)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(view)
+    m = torch.tensor(mean, dtype=dtype, device=x.device).view(view)
+    s = torch.tensor(std, dtype=dtype, device=x.device).view(view)
     out = (out - m) / s
     if augment and x.dim() == 4:
         out = random_crop_flip(out, pad=pad, generator=generator)

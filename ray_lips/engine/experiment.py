@@ -1,8 +1,10 @@
-"""The driver of one federated run: data, participants, schedule, FedAvg, metrics, checkpoints.
+"""The driver of one federated run: data, participants, the hand-out schedule, aggregation,
+metrics, checkpoints.
 
 Plain Python: the pools it drives come from a factory, in-process (``LocalPools``) or Ray actors
 (``RayPoolFactory``). ``ray.remote(FederatedRun)`` is the driver actor of ``ray-lips run``; inside a
-Tune trial the trial itself runs it.
+Tune trial the trial itself runs it. The algorithm's server side (``ray_lips.algorithms``) says
+what a round sends and how the averaged parts become the next global state.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ray_lips.aggregate import DivergenceError, add_sums, to_state
-from ray_lips.config import ExperimentConfig
+from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout
+from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.data import load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
+from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_sums, to_state
+from ray_lips.engine.messages import HandoutRequest, TrainRequest
+from ray_lips.engine.payload import PackedShards, PoolPayload
+from ray_lips.engine.pools import ClientState, PoolFactory, local_pools
 from ray_lips.inertia import layer_metrics
-from ray_lips.models import build_model, layer_groups
-from ray_lips.pool import PackedShards, PoolPayload
-from ray_lips.pools import PoolFactory, local_pools
+from ray_lips.models import build_model, eligible_parameter_names, layer_groups
 from ray_lips.results import RunWriter
-from ray_lips.schedule import density_at
 from ray_lips.seeding import derive_seed, numpy_rng
 from ray_lips.training import Normalisation
 
@@ -98,31 +101,34 @@ def windowed(rows: list[dict], key: str, window: int) -> float:
 class FederatedRun:
     """One run, advanced a round at a time; resumes from its directory's latest checkpoint."""
 
-    def __init__(self, config: dict[str, Any], run_dir: str | Path,
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path,
                  make_pools: PoolFactory = local_pools):
-        self.cfg = ExperimentConfig.model_validate(config)
+        self.cfg = cfg
         self.writer = RunWriter(run_dir)
-        dataset = load_dataset(self.cfg.data)
-        self.assignment = assign_clients(self.cfg.data.clients, self.cfg.resources.pools)
-        payloads = build_payloads(self.cfg, dataset, self.assignment)
+        dataset = load_dataset(cfg.data)
+        self.assignment = assign_clients(cfg.data.clients, cfg.resources.pools)
+        payloads = build_payloads(cfg, dataset, self.assignment)
         self.samples = {s.client: int(s.x_train.shape[0]) for p in payloads for s in p.shards}
-        model = initial_model(self.cfg, tuple(dataset.sample_shape), dataset.num_classes)
+        model = initial_model(cfg, tuple(dataset.sample_shape), dataset.num_classes)
         self.groups = layer_groups(model)
+        self.algorithm = build_algorithm(cfg, model)
+        self.handout = build_handout(cfg, eligible_parameter_names(model))
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.server_state = self.algorithm.init_server_state(self.global_state)
         del dataset, model
         self.ref_state: dict[str, torch.Tensor] | None = None
         self.round = 0
         self.rounds_rows: list[dict] = []
         self.layers_rows: list[dict] = []
         self.elapsed = 0.0
-        self.pools = make_pools(self.cfg.to_dict(), payloads)
+        self.pools = make_pools(cfg, payloads)
         checkpoint = self.writer.load_checkpoint()
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            self.writer.write_config(self.cfg)
-            self.pools.call("set_global", round_idx=-1, state=self.global_state, density=1.0)
-        self.writer.write_status("running", round=self.round, rounds=self.cfg.train.rounds)
+            self.writer.write_config(cfg)
+            self.pools.set_global(-1, self.global_state, 1.0)
+        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds)
 
     # ----- one round --------------------------------------------------------------------
     @property
@@ -130,15 +136,21 @@ class FederatedRun:
         return self.round >= self.cfg.train.rounds
 
     def density(self, round_idx: int) -> float:
-        if self.cfg.algorithm != "lips":
-            return 1.0
-        lips = self.cfg.lips
-        return density_at(round_idx, self.cfg.train.rounds, lips.sparsity, lips.period,
-                          lips.schedule)
+        """Density of the hand-out after round ``round_idx`` (1: dense)."""
+        return self.handout.density(round_idx)
 
-    def _split(self, clients: list[int]) -> list[dict[str, Any]]:
+    def _split(self, clients: list[int]) -> list[list[int]]:
         chosen = set(clients)
         return [[c for c in block if c in chosen] for block in self.assignment]
+
+    def _averages(self, sums: list[dict[str, FixedSum]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each aggregated part, summed over the pools exactly, as tensors."""
+        parts = sorted({part for pool in sums for part in pool})
+        out = {}
+        for part in parts:
+            total = add_sums(pool[part] for pool in sums if part in pool)
+            out[part] = to_state(total, {k: self.global_state[k] for k in total})
+        return out
 
     def run_round(self) -> dict[str, Any]:
         """Train, aggregate, hand out, measure; returns this round's row."""
@@ -146,29 +158,31 @@ class FederatedRun:
         started = time.perf_counter()
         participants = sample_participants(cfg, r)
         evaluate = r % cfg.train.eval_every == 0 or r == cfg.train.rounds - 1
-        trained = self.pools.call(
-            "train_round", [{"participants": p} for p in self._split(participants)],
-            round_idx=r, total_weight=sum(self.samples[c] for c in participants),
-            evaluate=evaluate)
-        new_state = to_state(add_sums(t["sum"] for t in trained if t["sum"] is not None),
-                             self.global_state)
+        total_weight = sum(self.samples[c] for c in participants)
+        trained = self.pools.train_round(
+            [TrainRequest(r, p, total_weight, sum(self.samples.values()), evaluate)
+             for p in self._split(participants)],
+            self.algorithm.server_message(self.server_state))
+        new_state, self.server_state = self.algorithm.aggregate(
+            self.global_state, self._averages([t.sums for t in trained]), self.server_state)
         density = self.density(r)
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
-        handed = self.pools.call(
-            "handout", [{"eval_clients": c if evaluate else []} for c in self._split(eval_clients)],
-            round_idx=r, state=new_state, density=density, eval_test=evaluate)
+        handed = self.pools.handout(
+            [HandoutRequest(r, density, c if evaluate else [], evaluate)
+             for c in self._split(eval_clients)], new_state)
         if r == cfg.train.inertia_ref_round:
             self.ref_state = new_state
-        self.layers_rows += layer_metrics(r, self.groups, self.global_state, new_state,
-                                          self.ref_state)
+        if self.algorithm.has_global_model:
+            self.layers_rows += layer_metrics(r, self.groups, self.global_state, new_state,
+                                              self.ref_state)
         self.global_state = new_state
-        train_rows = [row for t in trained for row in t["clients"]]
-        eval_rows = [row for h in handed for row in h["clients"]]
+        train_rows = [row for t in trained for row in t.clients]
+        eval_rows = [row for h in handed for row in h.clients]
         seconds = time.perf_counter() - started
         self.elapsed += seconds
         nan = float("nan")
-        acc_test = next((h["acc_test"] for h in handed if h["acc_test"] is not None), None)
+        acc_test = next((h.acc_test for h in handed if h.acc_test is not None), None)
         row = {
             "round": r, "density": density, "participants": len(participants),
             "evaluated": evaluate, "train_loss": _mean(train_rows, "loss"),
@@ -193,8 +207,7 @@ class FederatedRun:
         """Final per-client evaluation and fine-tuning; writes clients.parquet and the summary."""
         if not self.done:
             raise RuntimeError(f"finish() called after {self.round} of {self.cfg.train.rounds}")
-        per_pool = self.pools.call("finetune", round_idx=self.round - 1,
-                                   epochs=self.cfg.train.finetune_epochs)
+        per_pool = self.pools.finetune(self.round - 1, self.cfg.train.finetune_epochs)
         client_rows = sorted((row for rows in per_pool for row in rows), key=lambda r: r["client"])
         self.writer.write_clients(client_rows)
         torch.save(self.global_state, self.writer.dir / "model_final.pt")
@@ -207,7 +220,8 @@ class FederatedRun:
         rows, window = self.rounds_rows, self.cfg.train.final_window
         last = rows[-1] if rows else {}
         out: dict[str, Any] = {
-            "name": self.cfg.name, "algorithm": self.cfg.algorithm, "seed": self.cfg.seed,
+            "name": self.cfg.name, "algorithm": self.cfg.algorithm,
+            "handout": self.cfg.handout, "seed": self.cfg.seed,
             "rounds_done": self.round, "final_window": window,
             "seconds_per_round": self.elapsed / max(self.round, 1),
         }
@@ -224,11 +238,10 @@ class FederatedRun:
 
     # ----- checkpoints ------------------------------------------------------------------
     def checkpoint(self) -> Path:
-        needs_clients = self.density(self.round - 1) < 1.0
-        client_state = self.pools.call("export_state") if needs_clients else []
         return self.writer.save_checkpoint(self.round - 1, {
             "next_round": self.round, "global_state": self.global_state,
-            "ref_state": self.ref_state, "client_state": client_state,
+            "ref_state": self.ref_state, "server_state": self.server_state,
+            "client_state": self.pools.export_state(),
             "density": self.density(self.round - 1), "elapsed": self.elapsed,
         })
 
@@ -236,18 +249,21 @@ class FederatedRun:
         self.round = checkpoint["next_round"]
         self.global_state = checkpoint["global_state"]
         self.ref_state = checkpoint["ref_state"]
+        self.server_state = checkpoint.get("server_state", self.server_state)
         self.elapsed = checkpoint["elapsed"]
         self.rounds_rows = [r for r in self.writer.read_table("rounds.parquet")
                             if r["round"] < self.round]
         self.layers_rows = [r for r in self.writer.read_table("layers.parquet")
                             if r["round"] < self.round]
-        self.pools.call("set_global", round_idx=self.round - 1, state=self.global_state,
-                        density=checkpoint["density"])
-        merged: dict[int, Any] = {}
-        for state in checkpoint["client_state"]:
-            merged.update(state["grads"])
-        if merged:
-            self.pools.call("import_state", state={"grads": merged})
+        self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
+        merged: ClientState = {}
+        for exported in checkpoint["client_state"]:
+            for slot, entries in exported.items():
+                merged.setdefault(LEGACY_CLIENT_SLOTS.get(slot, slot), {}).update(entries)
+        if merged:  # each pool gets its own clients' entries
+            self.pools.import_state([
+                {slot: {c: entries[c] for c in block if c in entries}
+                 for slot, entries in merged.items()} for block in self.assignment])
 
     def close(self) -> None:
         self.pools.shutdown()
@@ -255,7 +271,7 @@ class FederatedRun:
 
 def run_local(config: ExperimentConfig | dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Run a whole experiment in this process, without Ray (tests, GPU boxes without Ray)."""
-    cfg = config if isinstance(config, dict) else config.to_dict()
+    cfg = config if isinstance(config, ExperimentConfig) else validate_config(config)
     run = FederatedRun(cfg, run_dir)
     try:
         while not run.done:

@@ -12,9 +12,20 @@ Derived columns, on every frame:
   directory moves);
 - ``setting``: the experiment setting without the method (dataset, model, and any data/train key
   that differs between the loaded runs), e.g. ``digits/smallcnn``;
-- ``method``: ``fedavg`` or ``lips s=0.5 T=5`` (plus schedule/scorer when those vary);
-- ``sparsity``, ``period``: the LIPS knobs as applied, NaN for FedAvg (the raw config values stay
-  in ``lips.sparsity`` and ``lips.period`` on the runs frame).
+- ``algorithm``, ``handout``: the normalised algorithm (``fedavg``, ``fedprox``, ``scaffold``,
+  ``fedper``, ``ditto``, ``local``) and hand-out (``dense`` or ``lips``); a legacy
+  ``algorithm: lips`` is ``fedavg`` with the ``lips`` hand-out, a config without ``handout`` is
+  ``dense``;
+- ``method``: the method's label, e.g. ``fedavg``, ``fedavg+lips s=0.5 T=5`` or
+  ``fedprox(mu=0.01)+lips s=0.7 T=5``; it names every knob that differs between the loaded
+  methods (see :mod:`analysis.methods`);
+- ``base_method``: the label of the same algorithm and knobs with the dense hand-out (the
+  default baseline), e.g. ``fedprox(mu=0.01)``;
+- ``sparsity``, ``period``: the LIPS knobs as applied, NaN without the LIPS hand-out (the raw
+  config values stay in ``lips.sparsity`` and ``lips.period`` on the runs frame).
+
+Metrics an algorithm does not have (``acc_global`` and ``acc_test`` of FedPer and local-only,
+which have no global model) are NaN in the tables and give NaN summary columns.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ray_lips.config import flatten_keys
+from analysis.methods import ALGORITHMS, LIPS_SECTION, fmt_value, method_of, varying_knobs
 
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
@@ -41,12 +52,16 @@ TUNE_ERROR = "error.txt"
 TABLES = ("rounds", "layers", "clients")
 METRICS = ("acc_global", "acc_after", "acc_before", "acc_test")
 
-# Config keys that never make two runs different experiments (bookkeeping, placement, seed).
-NOT_SETTING = ("name", "seed", "output", "algorithm", "data.root", "train.checkpoint_every")
-NOT_SETTING_PREFIXES = ("resources.", "lips.")
+# Config keys that never make two runs different experiments (bookkeeping, placement, seed,
+# and the method: algorithm, hand-out and the knobs of their sections).
+NOT_SETTING = ("name", "seed", "output", "algorithm", "handout", "data.root",
+               "train.checkpoint_every")
+METHOD_SECTIONS = (*ALGORITHMS, LIPS_SECTION)
+NOT_SETTING_PREFIXES = ("resources.", *(f"{section}." for section in METHOD_SECTIONS))
+CONFIG_SECTIONS = ("data", "train", "resources", *METHOD_SECTIONS)
 # Columns copied from ``runs`` onto the per-run tables so they group without a merge.
-KEY_COLUMNS = ("run_id", "setting", "method", "algorithm", "sparsity", "period", "seed",
-               "data.dataset", "model", "status")
+KEY_COLUMNS = ("run_id", "setting", "method", "base_method", "algorithm", "handout", "sparsity",
+               "period", "seed", "data.dataset", "model", "status")
 
 PathLike = str | os.PathLike
 
@@ -117,10 +132,16 @@ def _run_ids(found: list[tuple[Path, Path]], roots: list[Path]) -> list[str]:
 
 
 # ----- reading one run -----------------------------------------------------------------------
-def flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """Dotted config keys; lists become tuples so the columns stay hashable."""
-    return {key: tuple(value) if isinstance(value, list) else value
-            for key, value in flatten_keys(tree).items()}
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted config keys (``{"lips": {"period": 5}}`` -> ``{"lips.period": 5}``); lists become
+    tuples so the columns stay hashable."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
 
 
 def tune_error(path: Path, root: Path) -> str | None:
@@ -281,34 +302,33 @@ def setting_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def _is_config(col: str) -> bool:
-    return col in ("name", "seed", "model", "algorithm", "output") or col.split(".")[0] in (
-        "data", "train", "lips", "resources")
+    return col in ("name", "seed", "model", "algorithm", "handout", "output") or (
+        col.split(".")[0] in CONFIG_SECTIONS)
 
 
 def _short(col: str) -> str:
     return col.split(".")[-1]
 
 
-def fmt_value(value: Any) -> str:
-    """A config value as a label: floats compactly (0.05, 1e+06), missing as '?'."""
-    if value is None or value is pd.NA:
-        return "?"
-    if isinstance(value, float):
-        return "?" if math.isnan(value) else f"{value:g}"
-    return str(value)
-
-
 def add_labels(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add ``setting``, ``method``, ``sparsity`` and ``period`` (see the module docstring)."""
+    """Add ``setting``, ``algorithm``, ``handout``, ``method``, ``base_method``, ``sparsity``
+    and ``period`` (see the module docstring); ``algorithm`` is replaced by its normalised
+    value."""
     runs = runs.copy()
-    is_lips = runs.get("algorithm", pd.Series("?", index=runs.index)).eq("lips")
-    for knob in ("sparsity", "period"):
-        raw = runs[f"lips.{knob}"] if f"lips.{knob}" in runs else pd.Series(np.nan, runs.index)
-        runs[knob] = raw.where(is_lips).astype(float)
     # labels name what differs between runs with a full config (a Tune trial that failed
     # before writing config.yaml only has its sampled params)
     full = runs[runs["has_config"]] if "has_config" in runs else runs
-    lips_extra = _varying(full[is_lips.loc[full.index]], ("lips.schedule", "lips.scorer"))
+    configs = runs.to_dict("records")
+    shown = varying_knobs(configs[i] for i in np.flatnonzero(runs.index.isin(full.index)))
+    methods = [method_of(config, shown) for config in configs]
+    runs["algorithm"] = [m.algorithm for m in methods]
+    runs["handout"] = [m.handout for m in methods]
+    runs["method"] = [m.label for m in methods]
+    runs["base_method"] = [m.base for m in methods]
+    is_lips = runs["handout"].eq(LIPS_SECTION)
+    for knob in ("sparsity", "period"):
+        raw = runs[f"lips.{knob}"] if f"lips.{knob}" in runs else pd.Series(np.nan, runs.index)
+        runs[knob] = pd.to_numeric(raw, errors="coerce").where(is_lips).astype(float)
     extra = [c for c in _varying(full, setting_columns(full))
              if c not in ("data.dataset", "model")]
 
@@ -319,16 +339,7 @@ def add_labels(runs: pd.DataFrame) -> pd.DataFrame:
         tail = " ".join(f"{_short(c)}={fmt_value(row[c])}" for c in extra)
         return f"{head} {tail}".strip()
 
-    def method(row: pd.Series) -> str:
-        algo = str(row.get("algorithm", "?"))
-        if algo != "lips":
-            return algo
-        parts = [f"s={fmt_value(row['sparsity'])}", f"T={fmt_value(row['period'])}"]
-        parts += [f"{_short(c)}={row[c]}" for c in lips_extra]
-        return "lips " + " ".join(parts)
-
     runs["setting"] = runs.apply(setting, axis=1) if len(runs) else pd.Series(dtype=str)
-    runs["method"] = runs.apply(method, axis=1) if len(runs) else pd.Series(dtype=str)
     return runs
 
 
@@ -348,7 +359,8 @@ def load(paths: PathLike | Iterable[PathLike],
             if run_tables[name] is not None and not run_tables[name].empty:
                 parts[name].append(run_tables[name].assign(run_id=run_id))
     runs = add_labels(pd.DataFrame(rows)) if rows else pd.DataFrame(
-        columns=["run_id", "path", "status", "error", "setting", "method"])
+        columns=["run_id", "path", "status", "error", "setting", "method", "base_method",
+                 "algorithm", "handout"])
     for col in [c for c in runs.columns if c.endswith("_best_round")]:
         runs[col] = runs[col].astype("Int64")
     keys = [c for c in KEY_COLUMNS if c in runs]

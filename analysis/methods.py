@@ -1,0 +1,192 @@
+"""What a run's method is, what it is called, and what it is compared with.
+
+A *method* is an algorithm, the knobs of that algorithm's own config section, and a hand-out:
+
+- the algorithm: ``fedavg``, ``fedprox``, ``scaffold``, ``fedper``, ``ditto`` or ``local``;
+  its knobs are the keys of the section named after it (``fedprox.mu``, ``ditto.lam``, ...);
+- the hand-out: ``dense``, or ``lips`` with the knobs of the ``lips`` section.
+
+Legacy configs are read as they were meant: ``algorithm: lips`` is FedAvg with the LIPS
+hand-out, and a config without a ``handout`` key hands out dense models.
+
+The *label* names the algorithm, then in parentheses the knobs of its own section that differ
+between the runs of that algorithm being compared, then, for the LIPS hand-out, ``+lips s=.. T=..``
+and any other LIPS knob that differs between the LIPS runs::
+
+    fedavg    fedavg+lips s=0.5 T=5    fedprox(mu=0.01)+lips s=0.7 T=5 scorer=magnitude
+
+So every knob that tells two methods apart is in the label, and a label is the same in every
+table and figure. Which knobs differ is a property of a *set* of runs: compute it once with
+:func:`varying_knobs` over all configs, then label each one with :func:`method_of`.
+
+A *baseline* is what gains and paired comparisons are taken against, in the same setting and
+with the same seed:
+
+- ``own`` (the default): the same algorithm with the same knobs and the dense hand-out, so a
+  gain is what the LIPS hand-out adds (``fedprox(mu=0.01)+lips ..`` against ``fedprox(mu=0.01)``);
+  dense methods are baselines themselves;
+- ``fedavg``: plain FedAvg with the dense hand-out, for every other method.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedper", "ditto", "local")
+HANDOUTS = ("dense", "lips")
+LEGACY_LIPS = "lips"  # the old ``algorithm: lips``: FedAvg with the LIPS hand-out
+LIPS_SECTION = "lips"
+LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS label
+BASELINES = ("own", "fedavg")
+BASELINE_TEXT = {
+    "own": "the same algorithm with the same knobs and the dense hand-out "
+           "(e.g. fedprox(mu=0.01)+lips against fedprox(mu=0.01))",
+    "fedavg": "plain FedAvg with the dense hand-out",
+}
+
+
+def missing(value: Any) -> bool:
+    """None, NA or a float NaN: a key this run's config did not have."""
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def fmt_value(value: Any) -> str:
+    """A config value as a label: floats compactly (0.05, 1e+06), missing as '?'."""
+    if missing(value):
+        return "?"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def knob_text(value: Any) -> str:
+    """A knob's value in a method label: as :func:`fmt_value`, lists as ``[a,b]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(knob_text(v) for v in value) + "]"
+    return fmt_value(value)
+
+
+def short(key: str) -> str:
+    """``fedprox.mu`` -> ``mu``."""
+    return key.rsplit(".", 1)[-1]
+
+
+def normalise(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(algorithm, hand-out) of a flattened config, legacy ``algorithm: lips`` included."""
+    raw = config.get("algorithm")
+    algorithm = "?" if missing(raw) else str(raw)
+    if algorithm == LEGACY_LIPS:
+        return "fedavg", "lips"
+    handout = config.get("handout")
+    return algorithm, "dense" if missing(handout) else str(handout)
+
+
+def _own_section(algorithm: str, key: str) -> bool:
+    return key.startswith(f"{algorithm}.")
+
+
+def _handout_section(handout: str, key: str) -> bool:
+    return handout != "dense" and key.startswith(f"{handout}.")
+
+
+def varying_knobs(configs: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The knob keys that labels must name to tell apart the methods of these configs.
+
+    An algorithm's knob counts when it differs between the configs of that algorithm; a
+    hand-out knob (other than sparsity and period, always named) when it differs between the
+    configs with that hand-out. Knobs of sections a run does not use are ignored.
+    """
+    seen: dict[str, set[str]] = defaultdict(set)
+    for config in configs:
+        algorithm, handout = normalise(config)
+        for key, value in config.items():
+            if not isinstance(key, str) or missing(value) or key in LIPS_ALWAYS:
+                continue
+            if _own_section(algorithm, key) or _handout_section(handout, key):
+                seen[key].add(knob_text(value))
+    return frozenset(key for key, values in seen.items() if len(values) > 1)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One run's method: normalised algorithm and hand-out, its label and its dense twin's."""
+
+    algorithm: str
+    handout: str
+    label: str  # e.g. "fedprox(mu=0.01)+lips s=0.7 T=5"
+    base: str  # the same algorithm and knobs with the dense hand-out, e.g. "fedprox(mu=0.01)"
+
+    def baseline(self, kind: str = "own") -> str | None:
+        """The label of the method this one is compared with, None when it is a baseline."""
+        partner = self.base if check_baseline(kind) == "own" else "fedavg"
+        return None if partner == self.label else partner
+
+
+def check_baseline(kind: str) -> str:
+    if kind not in BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, not {kind!r}")
+    return kind
+
+
+def method_of(config: Mapping[str, Any], shown: Iterable[str] = ()) -> Method:
+    """The method of one flattened config; ``shown`` are the knobs to name (see
+    :func:`varying_knobs`)."""
+    algorithm, handout = normalise(config)
+    shown = sorted(shown)
+    own = [k for k in shown if _own_section(algorithm, k)]
+    base = algorithm
+    if own:
+        base += "(" + ", ".join(f"{short(k)}={knob_text(config.get(k))}" for k in own) + ")"
+    if handout == "dense":
+        return Method(algorithm, handout, base, base)
+    parts = []
+    if handout == LIPS_SECTION:
+        parts = [f"{name}={knob_text(config.get(key))}" for key, name in LIPS_ALWAYS.items()]
+    parts += [f"{short(k)}={knob_text(config.get(k))}" for k in shown
+              if _handout_section(handout, k)]
+    label = f"{base}+{handout}" + (" " + " ".join(parts) if parts else "")
+    return Method(algorithm, handout, label, base)
+
+
+def label_methods(configs: list[Mapping[str, Any]]) -> list[Method]:
+    """Label a set of configs together (e.g. the runs of one ``ray-lips compare``)."""
+    shown = varying_knobs(configs)
+    return [method_of(config, shown) for config in configs]
+
+
+def baseline_labels(frame: pd.DataFrame, kind: str = "own") -> pd.Series:
+    """Per row of a frame with ``method`` and ``base_method``: its baseline's label, NaN for a
+    row that is a baseline itself."""
+    if check_baseline(kind) == "own":
+        partner = frame["base_method"].astype(object)
+    else:
+        partner = pd.Series("fedavg", index=frame.index, dtype=object)
+    return partner.where(partner != frame["method"])
+
+
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)")
+
+
+def label_sort_key(label: str) -> tuple:
+    """Order labels as the tables do: algorithms in :data:`ALGORITHMS` order, each one's dense
+    method before its hand-out variants, numbers in knobs by value (T=5 before T=10)."""
+    head = re.split(r"[(+ ]", str(label), maxsplit=1)[0]
+    rank = ALGORITHMS.index(head) if head in ALGORITHMS else len(ALGORITHMS)
+    base, plus, rest = str(label).partition("+")
+    return (rank, _natural(head), _natural(base), bool(plus), _natural(rest))
+
+
+def _natural(text: str) -> tuple:
+    parts = []
+    for i, piece in enumerate(_NUMBER.split(text)):
+        parts.append((0, float(piece), "") if i % 2 else (1, 0.0, piece))
+    return tuple(parts)

@@ -1,0 +1,43 @@
+"""The hand-out: how the new global model reaches each client after aggregation.
+
+``DenseHandout`` gives every client the global model itself. LIPS's transient sparse copy
+(:mod:`ray_lips.algorithms.lips`) is the other one. A hand-out has a server side (the density
+of each round's hand-out, from its schedule) and a client side (the model a client is handed,
+built in the pool that hosts it, from what the client kept of its own training).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ray_lips.algorithms.base import Tensors
+
+if TYPE_CHECKING:
+    from ray_lips.engine.client_state import ClientStore
+
+
+class DenseHandout:
+    """Every client receives the global model unchanged."""
+
+    name = "dense"
+    remember: list[str] | None = None  # parameters whose last-batch gradient must be kept
+
+    # ----- server side --------------------------------------------------------------------
+    def density(self, round_idx: int) -> float:
+        return 1.0
+
+    # ----- client side --------------------------------------------------------------------
+    def start_round(self, round_idx: int, density: float) -> None:
+        """The hand-out after round ``round_idx`` is made with ``density``."""
+
+    def handed(self, global_state: Tensors, client: int, store: ClientStore) -> Tensors:
+        return global_state
+
+    def keep(self, store: ClientStore, grads: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Keep what this round's participants' training left for the next hand-out."""
+
+    def unneeded_slots(self) -> set[str]:
+        """Client-state slots the next hand-out does not read (left out of checkpoints)."""
+        return set()

@@ -1,0 +1,43 @@
+"""Local-only training: no communication. Every client trains its own model, from the common
+initial model, for the same rounds and epochs as the federated algorithms; nothing is
+aggregated and there is no global model (acc_global and acc_test are NaN)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ray_lips.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    Tensors,
+    Trained,
+    TrainJob,
+)
+
+OWN = "local.model"  # the client-state slot of the client's own model
+
+
+class LocalOnly(Algorithm):
+    name = "local"
+    has_global_model = False
+    sparse_handout = False
+
+    def held_state(self, ctx: ClientContext, client: int) -> Tensors:
+        own = ctx.store.get(client, OWN)
+        return ctx.global_state if own is None else own  # the initial model until it trains
+
+    def start_state(self, ctx: ClientContext, client: int) -> Tensors:
+        return self.held_state(ctx, client)
+
+    def update(self, ctx: ClientContext, job: TrainJob, trained: Trained,
+               message: Mapping[str, Tensors]) -> ClientUpdate:
+        ctx.store.put(job.client, OWN, trained.state)
+        return ClientUpdate(job.client, trained.result.loss, {}, trained.result.last_grads,
+                            trained.accuracy)
+
+    def aggregate(self, global_state: Tensors, averages: Mapping[str, Tensors],
+                  server_state: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return dict(global_state), dict(server_state)

@@ -1,0 +1,81 @@
+"""SCAFFOLD (Karimireddy et al., 2020), option II control variates.
+
+Client i corrects every local gradient by c - c_i. After K local steps of learning rate lr from
+x (the model it was handed) to y_i, it sets c_i+ = c_i - c + (x - y_i) / (K lr), keeps c_i+,
+and returns y_i (weighted by its share of the round's samples, as FedAvg) and
+Δc_i = c_i+ - c_i (weighted by its share n_i / n of all clients' samples). The server moves x by
+the server step size towards the clients' average, x <- x + server_lr (avg y - x), and
+c <- c + Σ (n_i / n) Δc_i, so c stays the sample-weighted mean of every client's c_i (the
+paper's (1/N) Σ when clients hold equal shares) and the fixed point is the optimum of the
+sample-weighted objective FedAvg minimises. With c = c_i = 0 the first round is FedAvg's;
+server_lr = 1 makes the new global model the clients' average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ray_lips.algorithms.base import (
+    MODEL,
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    Correction,
+    Tensors,
+    Trained,
+    TrainJob,
+)
+
+CONTROL = "control"  # the message and the aggregated part: the global control variate c
+CLIENT_CONTROL = "scaffold.c"  # the client-state slot of c_i
+
+
+class Scaffold(Algorithm):
+    name = "scaffold"
+
+    def init_server_state(self, global_state: Tensors) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(global_state[name]) for name in self.parameter_names}
+
+    def server_message(self, server_state: Tensors) -> dict[str, Tensors]:
+        return {CONTROL: server_state}
+
+    def _client_control(self, ctx: ClientContext, client: int,
+                        like: Tensors) -> dict[str, torch.Tensor]:
+        kept = ctx.store.get(client, CLIENT_CONTROL)
+        return dict(kept) if kept is not None else {n: torch.zeros_like(like[n])
+                                                    for n in self.parameter_names}
+
+    def correction(self, ctx: ClientContext, client: int, start: Tensors,
+                   message: Mapping[str, Tensors]) -> Correction | None:
+        c = message[CONTROL]
+        c_i = self._client_control(ctx, client, c)
+        return Correction(offset={n: c[n].to(c_i[n].device) - c_i[n]
+                                  for n in self.parameter_names})
+
+    def update(self, ctx: ClientContext, job: TrainJob, trained: Trained,
+               message: Mapping[str, Tensors]) -> ClientUpdate:
+        out = super().update(ctx, job, trained, message)
+        c = message[CONTROL]
+        c_i = self._client_control(ctx, job.client, c)
+        scale = 1.0 / (trained.result.steps * self.cfg.train.lr)
+        new_c_i, delta = {}, {}
+        for n in self.parameter_names:
+            drift = (job.start[n].to(trained.state[n].device) - trained.state[n]) * scale
+            new_c_i[n] = c_i[n] - c[n].to(c_i[n].device) + drift
+            delta[n] = new_c_i[n] - c_i[n]
+        ctx.store.put(job.client, CLIENT_CONTROL, new_c_i)
+        out.parts[CONTROL] = (delta, ctx.samples(job.client) / ctx.population_weight)
+        return out
+
+    def aggregate(self, global_state: Tensors, averages: Mapping[str, Tensors],
+                  server_state: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        average, step = averages[MODEL], self.cfg.scaffold.server_lr
+        new_state = dict(global_state)
+        for name, value in average.items():
+            x = global_state[name]
+            new_state[name] = (value if step == 1.0 or not x.is_floating_point()
+                               else x + step * (value - x))
+        control = {n: server_state[n] + averages[CONTROL][n] for n in self.parameter_names}
+        return new_state, control

@@ -1,0 +1,136 @@
+"""Per-client state that survives rounds, kept in the pool that hosts the client.
+
+Each entry is a client's dict of tensors in a named slot (``"lips.grad"``, ``"scaffold.c"``,
+``"ditto.personal"``, ...). Past a byte budget the least recently used entries are written to a
+private spill folder and read back (``weights_only``) when asked for, so 10,000 clients with a
+model-sized state each fit a pool's RAM. Exports (for checkpoints) include spilled entries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+Entry = dict[str, torch.Tensor]
+
+
+def _nbytes(entry: Entry) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
+
+
+class ClientStore:
+    """``get``/``put`` per (client, slot), in memory up to ``budget_bytes``, then on disk."""
+
+    def __init__(self, budget_bytes: int | None = None, spill_root: str | None = None):
+        self.budget_bytes = budget_bytes
+        self.spill_root = spill_root
+        self._memory: OrderedDict[tuple[str, int], Entry] = OrderedDict()  # oldest use first
+        self._spilled: dict[tuple[str, int], Path] = {}
+        self._bytes = 0
+        self._folder: Path | None = None
+
+    # ----- entries ------------------------------------------------------------------------
+    def get(self, client: int, slot: str) -> Entry | None:
+        key = (slot, client)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        path = self._spilled.pop(key, None)
+        if path is None:
+            return None
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        path.unlink()
+        self._remember(key, entry)
+        return entry
+
+    def put(self, client: int, slot: str, entry: Entry) -> None:
+        self.drop(client, slot)
+        self._remember((slot, client), dict(entry))
+
+    def drop(self, client: int, slot: str) -> None:
+        key = (slot, client)
+        if key in self._memory:
+            self._bytes -= _nbytes(self._memory.pop(key))
+        path = self._spilled.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def replace_slot(self, slot: str, entries: dict[int, Entry]) -> None:
+        """Make ``entries`` the whole content of ``slot``."""
+        for client in self.clients(slot):
+            self.drop(client, slot)
+        for client, entry in entries.items():
+            self.put(client, slot, entry)
+
+    def clients(self, slot: str) -> list[int]:
+        return sorted({c for s, c in (*self._memory, *self._spilled) if s == slot})
+
+    def slots(self) -> list[str]:
+        return sorted({s for s, _ in (*self._memory, *self._spilled)})
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def spilled(self) -> int:
+        return len(self._spilled)
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def export(self, skip: set[str] = frozenset()) -> dict[str, dict[int, Entry]]:
+        """Every entry (spilled ones read back, on the CPU) except the slots in ``skip``."""
+        out: dict[str, dict[int, Entry]] = {}
+        for slot in self.slots():
+            if slot in skip:
+                continue
+            out[slot] = {}
+            for client in self.clients(slot):
+                key = (slot, client)
+                entry = (self._memory[key] if key in self._memory else
+                         torch.load(self._spilled[key], map_location="cpu", weights_only=True))
+                out[slot][client] = {k: v.cpu() for k, v in entry.items()}
+        return out
+
+    def load(self, exported: dict[str, dict[int, Entry]], device: torch.device,
+             hosted: set[int]) -> None:
+        """Take the entries of the ``hosted`` clients from an export, replacing all state."""
+        self.clear()
+        for slot, entries in exported.items():
+            for client, entry in entries.items():
+                if int(client) in hosted:
+                    self.put(int(client), slot, {k: v.to(device) for k, v in entry.items()})
+
+    def clear(self) -> None:
+        self._memory.clear()
+        self._bytes = 0
+        for path in self._spilled.values():
+            path.unlink(missing_ok=True)
+        self._spilled.clear()
+
+    # ----- spilling -----------------------------------------------------------------------
+    def _remember(self, key: tuple[str, int], entry: Entry) -> None:
+        self._memory[key] = entry
+        self._bytes += _nbytes(entry)
+        if self.budget_bytes is None:
+            return
+        while self._bytes > self.budget_bytes and len(self._memory) > 1:
+            old_key, old = self._memory.popitem(last=False)
+            self._bytes -= _nbytes(old)
+            slot, client = old_key
+            path = self._spill_folder() / f"{slot}-{client}.pt"
+            torch.save({k: v.cpu() for k, v in old.items()}, path)
+            self._spilled[old_key] = path
+
+    def _spill_folder(self) -> Path:
+        if self._folder is None:
+            if self.spill_root is not None:
+                Path(self.spill_root).expanduser().mkdir(parents=True, exist_ok=True)
+            root = None if self.spill_root is None else str(Path(self.spill_root).expanduser())
+            self._folder = Path(tempfile.mkdtemp(prefix="ray-lips-clients-", dir=root))
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder

@@ -1,0 +1,50 @@
+"""The typed requests and replies between the driver and its client pools, one pair per step
+of a round: train, hand out, fine-tune at the end, and export or import client state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ray_lips.engine.aggregate import FixedSum
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Round ``round_idx``: train these participants (the ones the pool hosts)."""
+
+    round_idx: int
+    participants: list[int]
+    total_weight: int  # training samples of all of the round's participants, over every pool
+    population_weight: int  # training samples of all clients, participating or not
+    evaluate: bool  # score each trained model on its client's test set (acc_before)
+
+
+@dataclass
+class TrainReply:
+    """A pool's exact partial sums, one per part the algorithm aggregates, and per-client rows
+    (client, n_train, loss, acc_before when evaluated)."""
+
+    sums: dict[str, FixedSum]
+    clients: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class HandoutRequest:
+    """After round ``round_idx``: take the new global model, hand it out with ``density``, and
+    score what these clients now hold (and the global model on the test split)."""
+
+    round_idx: int
+    density: float
+    eval_clients: list[int]
+    eval_test: bool
+
+
+@dataclass
+class HandoutReply:
+    clients: list[dict[str, Any]] = field(default_factory=list)  # client, acc_global, acc_after
+    acc_test: float | None = None

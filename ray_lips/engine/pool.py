@@ -1,0 +1,258 @@
+"""A client pool: hosts pinned clients, trains them, and builds their hand-outs.
+
+Plain Python; ``ray.remote(ClientPool)`` makes it an actor. The driver calls it through typed
+requests (:mod:`ray_lips.engine.messages`). What happens to a client in a round is the
+algorithm's (:mod:`ray_lips.algorithms`); the pool offers it the trainer, the client's data and
+the state it kept (a :class:`ClientStore`), sums what the clients return on the exact
+fixed-point grid, and builds each client's hand-out from the one global model it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from ray_lips.algorithms import build_algorithm, build_handout
+from ray_lips.algorithms.base import Tensors
+from ray_lips.allocator import keep_buffers_in_heap
+from ray_lips.batched import supports
+from ray_lips.config import ExperimentConfig
+from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_client
+from ray_lips.engine.client_state import ClientStore
+from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
+from ray_lips.engine.payload import PoolPayload
+from ray_lips.engine.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
+from ray_lips.memory import current_rss_mb, peak_rss_mb
+from ray_lips.models import build_model, eligible_parameter_names
+from ray_lips.training import LocalSettings, accuracy, local_train, recalibrate_batchnorm
+
+
+def pick_device(gpus_per_pool: float) -> torch.device:
+    if gpus_per_pool > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def local_settings(cfg: ExperimentConfig, epochs: int | None = None) -> LocalSettings:
+    t = cfg.train
+    return LocalSettings(epochs=t.local_epochs if epochs is None else epochs,
+                         batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                         weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                         precision=t.precision)
+
+
+GPU_BATCH_CLIENTS = 32  # cap of a batched group on CUDA when train.batch_clients is "auto"
+
+
+def batch_clients(cfg: ExperimentConfig, device: torch.device) -> int:
+    """Slots per batched group: the same for every pool and round of a run.
+
+    Derived from the config and the device type alone (never from how many clients a pool
+    hosts), so a client's group has the same shape whatever the pool count, and batched results
+    do not depend on it. Participants are split into the fewest groups of at most
+    ``train.batch_clients`` and the group size balanced over them (100 participants, cap 32:
+    4 groups of 25). ``"auto"``: 1 on CPU, where grouped convolutions cost more per client than
+    dense ones (the batched path then trains one client at a time, channels-last; see
+    benchmarks/README.md), and a cap of 32 on CUDA.
+    """
+    cap = getattr(cfg.train, "batch_clients", "auto")
+    if cap == "auto":
+        if device.type == "cpu":
+            return 1
+        cap = GPU_BATCH_CLIENTS
+    clients = cfg.data.clients
+    participants = (clients if cfg.train.participation >= 1.0
+                    else max(1, round(cfg.train.participation * clients)))
+    groups = math.ceil(participants / int(cap))
+    return max(1, math.ceil(participants / groups))
+
+
+def wants_batched(cfg: ExperimentConfig, model: torch.nn.Module) -> bool:
+    """``train.batched``: true, false, or "auto": the batched path whenever the model supports
+    it. On CPU its default groups of one client, channels-last, made rounds 1.2-1.4x faster
+    than ``local_train`` (NCHW) (benchmarks/README.md); on CUDA grouping is what pays."""
+    choice = cfg.train.batched
+    if choice is False:
+        return False
+    if not supports(model):
+        if choice is True:
+            warnings.warn(f"train.batched: model {cfg.model!r} cannot be trained as a batched "
+                          "group; training its clients one at a time", stacklevel=2)
+        return False
+    return True
+
+
+class ClientPool:
+    """The clients of one pool, and the algorithm's client side for them."""
+
+    def __init__(self, cfg: ExperimentConfig, payload: PoolPayload, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        keep_buffers_in_heap()
+        self.cfg = cfg
+        self.device = pick_device(cfg.resources.gpus_per_pool)
+        self.pool_id = payload.pool_id
+        self.norm = payload.norm
+        self.num_classes = payload.num_classes
+        self.shards = {s.client: s.to(self.device) for s in payload.shards}
+        self.test_split = (tuple(t.to(self.device) for t in payload.test_split)
+                           if payload.test_split is not None else None)
+        self.model = build_model(cfg.model, payload.sample_shape, payload.num_classes)
+        self.model.to(self.device)
+        self.eligible = eligible_parameter_names(self.model)
+        self.algorithm = build_algorithm(cfg, self.model)
+        self.handout_step = build_handout(cfg, self.eligible)
+        self.remember = self.handout_step.remember
+        self.store = ClientStore(int(cfg.resources.client_state_mb * 2**20),
+                                 cfg.resources.spill_dir)
+        self.global_state: dict[str, torch.Tensor] = {}
+        self.total_weight = self.population_weight = 0
+        self.stopwatch = Stopwatch()
+        self.batched = wants_batched(cfg, self.model)
+        self.group_size = batch_clients(cfg, self.device) if self.batched else 1
+        settings = local_settings(cfg)
+        self.serial = SerialTrainer(self.model, self.shards, settings, self.norm, cfg.seed,
+                                    self.stopwatch)
+        self.trainer = (GroupTrainer(self.model, self.shards, settings, self.norm, cfg.seed,
+                                     self.group_size, self.stopwatch)
+                        if self.batched else self.serial)
+
+    # ----- what the algorithm's client side sees (ray_lips.algorithms.base.ClientContext) --
+    def handed(self, client: int) -> Tensors:
+        """The global model as handed to ``client`` after the latest aggregation."""
+        return self.handout_step.handed(self.global_state, client, self.store)
+
+    def samples(self, client: int) -> int:
+        return int(self.shards[client].x_train.shape[0])
+
+    # ----- the driver's calls ---------------------------------------------------------------
+    def clients(self) -> list[int]:
+        return sorted(self.shards)
+
+    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+        """Hold ``state`` as the global model, handed out with ``density`` after
+        ``round_idx`` (-1: the initial model)."""
+        self.global_state = {k: v.to(self.device) for k, v in state.items()}
+        self.handout_step.start_round(round_idx, density)
+
+    def plan_groups(self, clients: list[int]) -> list[list[int]]:
+        """Clients in training groups: batched, up to ``group_size`` clients with equal train
+        and test sizes; one at a time, a single list."""
+        if not self.batched:
+            return [list(clients)] if clients else []
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for client in clients:
+            shard = self.shards[client]
+            key = (int(shard.x_train.shape[0]), int(shard.x_test.shape[0]))
+            buckets.setdefault(key, []).append(client)
+        size = self.group_size
+        return [members[i:i + size] for members in buckets.values()
+                for i in range(0, len(members), size)]
+
+    def train_round(self, request: TrainRequest, message: dict[str, Tensors]) -> TrainReply:
+        """Train the participants hosted here; return their weighted fixed-point sums."""
+        self.total_weight = request.total_weight
+        self.population_weight = request.population_weight
+        sums: dict[str, FixedSum] = {}
+        rows: dict[int, dict[str, Any]] = {}
+        kept: dict[int, dict[str, torch.Tensor]] = {}
+        for members in self.plan_groups(request.participants):
+            for update in self.algorithm.train(self, members, request.round_idx, message,
+                                               request.evaluate):
+                client = update.client
+                if not math.isfinite(update.loss):
+                    raise DivergenceError(f"client {client} diverged in round "
+                                          f"{request.round_idx}: training loss {update.loss}")
+                if update.last_grads is not None:
+                    kept[client] = update.last_grads
+                row = {"client": client, "n_train": self.samples(client), "loss": update.loss}
+                if request.evaluate:
+                    row["acc_before"] = update.acc_before
+                rows[client] = row
+                for part, (tensors, weight) in update.parts.items():
+                    sums[part] = add_client(sums.get(part), tensors, weight, client=client)
+        self.handout_step.keep(self.store, kept)
+        sums = {part: {k: v.cpu() for k, v in total.items()} for part, total in sums.items()}
+        return TrainReply(sums, [rows[c] for c in request.participants])
+
+    def handout(self, request: HandoutRequest, state: Tensors) -> HandoutReply:
+        """Take the new global model; score what the listed clients now hold."""
+        self.set_global(request.round_idx, state, request.density)
+        with self.stopwatch("evaluate"):
+            return self._score_holdings(request.eval_clients, request.eval_test)
+
+    def _score_holdings(self, eval_clients: list[int], eval_test: bool) -> HandoutReply:
+        has_global = self.algorithm.has_global_model
+        reply = HandoutReply()
+        if eval_test and has_global and self.test_split is not None:
+            reply.acc_test = self.serial.accuracy_on(self.global_state, *self.test_split)
+        rows: dict[int, dict[str, Any]] = {}
+        for members in self.plan_groups(eval_clients):
+            acc_global = (self.trainer.accuracy(members, [self.global_state] * len(members))
+                          if has_global else [math.nan] * len(members))
+            held = [self.algorithm.held_state(self, c) for c in members]
+            acc_after = list(acc_global)
+            own = [k for k, state in enumerate(held)
+                   if not (has_global and state is self.global_state)]
+            if own:
+                scores = self.trainer.accuracy([members[k] for k in own], [held[k] for k in own])
+                for k, score in zip(own, scores, strict=True):
+                    acc_after[k] = score
+            for k, client in enumerate(members):
+                rows[client] = {"client": client, "acc_global": acc_global[k],
+                                "acc_after": acc_after[k]}
+        reply.clients = [rows[c] for c in eval_clients]
+        return reply
+
+    def finetune(self, round_idx: int, epochs: int) -> list[dict[str, Any]]:
+        """Each hosted client fine-tunes the model it holds on its own data (final scores)."""
+        settings = local_settings(self.cfg, epochs=epochs)
+        has_global = self.algorithm.has_global_model
+        self.serial.model_changed()  # the loop below loads and trains the shared model
+        rows = []
+        for client in self.clients():
+            shard = self.shards[client]
+            row = {"client": client, "n_train": int(shard.x_train.shape[0]),
+                   "n_test": int(shard.x_test.shape[0]), "acc_global": math.nan}
+            if has_global:
+                self.model.load_state_dict(self.global_state)
+                row["acc_global"] = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
+            self.model.load_state_dict(self.algorithm.held_state(self, client))
+            row["acc_final"] = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
+            if epochs > 0:
+                batch_gen, augment_gen = stream_generators(self.cfg.seed, "finetune", client, 0)
+                local_train(self.model, shard.x_train, shard.y_train, settings, self.norm,
+                            batch_gen=batch_gen, augment_gen=augment_gen)
+            row["acc_finetune"] = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
+            recalibrate_batchnorm(self.model, shard.x_train, self.norm)
+            row["acc_finetune_bnrecal"] = accuracy(self.model, shard.x_test, shard.y_test,
+                                                   self.norm)
+            row["train_labels"] = torch.bincount(shard.y_train.cpu(),
+                                                minlength=self.num_classes).tolist()
+            rows.append(row)
+        return rows
+
+    # ----- checkpoints ------------------------------------------------------------------
+    def export_state(self) -> dict[str, dict[int, Tensors]]:
+        """Client state the next rounds need, by slot and client, on the CPU."""
+        return self.store.export(skip=self.handout_step.unneeded_slots())
+
+    def import_state(self, state: dict[str, dict[int, Tensors]]) -> None:
+        self.store.load(state, self.device, hosted=set(self.shards))
+
+    # ----- for benchmarks ---------------------------------------------------------------
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def stats(self) -> dict[str, float]:
+        """Seconds spent so far in local training and in evaluation (both end with a device
+        sync), current and peak resident memory, the training mode and client state held."""
+        return {"train_s": self.stopwatch.seconds["train"],
+                "evaluate_s": self.stopwatch.seconds["evaluate"],
+                "rss_mb": current_rss_mb(), "peak_rss_mb": self.peak_rss_mb(),
+                "batched": float(self.batched), "group_size": float(self.group_size),
+                "client_state_mb": self.store.memory_bytes / 2**20,
+                "client_state_spilled": float(self.store.spilled)}

@@ -1,0 +1,84 @@
+"""Groups of client pools behind one typed interface: in-process objects or Ray actors.
+
+Each step of a round is one method: every pool gets its own request (and the arguments all
+pools share), runs in parallel where the backend allows, and the replies come back in pool
+order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ray_lips.algorithms.base import Tensors
+from ray_lips.config import ExperimentConfig
+from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
+from ray_lips.engine.payload import PoolPayload
+from ray_lips.engine.pool import ClientPool
+
+ClientState = dict[str, dict[int, Tensors]]
+
+
+class PoolGroup(Protocol):
+    size: int
+
+    def set_global(self, round_idx: int, state: Tensors, density: float) -> None: ...
+
+    def train_round(self, requests: list[TrainRequest],
+                    message: dict[str, Tensors]) -> list[TrainReply]: ...
+
+    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]: ...
+
+    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]: ...
+
+    def export_state(self) -> list[ClientState]: ...
+
+    def import_state(self, states: list[ClientState]) -> None: ...
+
+    def stats(self) -> list[dict[str, float]]: ...
+
+    def shutdown(self) -> None: ...
+
+
+PoolFactory = Callable[[ExperimentConfig, list[PoolPayload]], PoolGroup]
+
+
+class LocalPools:
+    """All pools in this process, called one after another: the no-Ray training path."""
+
+    def __init__(self, cfg: ExperimentConfig, payloads: list[PoolPayload]):
+        self.pools = [ClientPool(cfg, payload) for payload in payloads]
+        self.size = len(self.pools)
+
+    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+        for pool in self.pools:
+            pool.set_global(round_idx, state, density)
+
+    def train_round(self, requests: list[TrainRequest],
+                    message: dict[str, Tensors]) -> list[TrainReply]:
+        return [pool.train_round(request, message)
+                for pool, request in zip(self.pools, requests, strict=True)]
+
+    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
+        return [pool.handout(request, state)
+                for pool, request in zip(self.pools, requests, strict=True)]
+
+    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
+        return [pool.finetune(round_idx, epochs) for pool in self.pools]
+
+    def export_state(self) -> list[ClientState]:
+        return [pool.export_state() for pool in self.pools]
+
+    def import_state(self, states: list[ClientState]) -> None:
+        for pool, state in zip(self.pools, states, strict=True):
+            pool.import_state(state)
+
+    def stats(self) -> list[dict[str, float]]:
+        return [pool.stats() for pool in self.pools]
+
+    def shutdown(self) -> None:
+        self.pools = []
+
+
+def local_pools(cfg: ExperimentConfig, payloads: list[PoolPayload]) -> LocalPools:
+    return LocalPools(cfg, payloads)

@@ -1,0 +1,169 @@
+"""Local training of a pool's clients: one at a time (``SerialTrainer``) or as batched groups
+(``GroupTrainer``, see :mod:`ray_lips.batched`). Both train a list of jobs with the same
+per-client randomness, so an algorithm never knows which one runs it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ray_lips.algorithms.base import Tensors, Trained, TrainJob
+from ray_lips.batched import ClientGroup
+from ray_lips.engine.payload import ClientShard
+from ray_lips.seeding import torch_generator
+from ray_lips.training import LocalSettings, Normalisation, accuracy, local_train
+
+# Random streams of local training: (batch order, augmentation) purposes per stream.
+STREAMS = {"local": ("batches", "augment"), "personal": ("personal_batches", "personal_augment")}
+
+
+def stream_generators(seed: int, stream: str, client: int,
+                      round_idx: int) -> tuple[torch.Generator, torch.Generator]:
+    """The batch-order and augmentation generators of ``client`` in ``round_idx``; the final
+    fine-tuning (``"finetune"``) has one pair per client."""
+    if stream == "finetune":
+        return (torch_generator(seed, "finetune", client, 0),
+                torch_generator(seed, "finetune", client, 1))
+    batches, augment = STREAMS[stream]
+    return (torch_generator(seed, batches, client, round_idx),
+            torch_generator(seed, augment, client, round_idx))
+
+
+def _owned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy that later training cannot overwrite (trainers reuse their model's storage)."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class Stopwatch:
+    """Wall seconds per activity ("train", "evaluate"), for benchmarks."""
+
+    def __init__(self) -> None:
+        self.seconds = {"train": 0.0, "evaluate": 0.0}
+
+    @contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - started
+
+
+class SerialTrainer:
+    """One client at a time through :func:`ray_lips.training.local_train`."""
+
+    def __init__(self, model: nn.Module, shards: Mapping[int, ClientShard],
+                 settings: LocalSettings, norm: Normalisation, seed: int,
+                 stopwatch: Stopwatch):
+        self.model, self.shards, self.settings = model, shards, settings
+        self.norm, self.seed, self.timed = norm, seed, stopwatch
+        self._loaded: Tensors | None = None  # the state the model holds, to skip reloads
+
+    def _load(self, state: Tensors) -> None:
+        if state is not self._loaded:
+            self.model.load_state_dict(state)
+            self._loaded = state
+
+    def model_changed(self) -> None:
+        """Someone else loaded or trained the shared model: load the next state afresh."""
+        self._loaded = None
+
+    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
+              remember: list[str] | None = None, evaluate: bool = False,
+              epochs: int | None = None) -> list[Trained]:
+        settings = self.settings if epochs is None else _with_epochs(self.settings, epochs)
+        out = []
+        for job in jobs:
+            shard = self.shards[job.client]
+            self._load(job.start)
+            self.model_changed()  # training changes the model
+            batch_gen, augment_gen = stream_generators(self.seed, stream, job.client, round_idx)
+            with self.timed("train"):
+                result = local_train(self.model, shard.x_train, shard.y_train, settings,
+                                     self.norm, batch_gen=batch_gen, augment_gen=augment_gen,
+                                     remember=remember, correction=job.correction)
+            acc = None
+            if evaluate:
+                with self.timed("evaluate"):
+                    acc = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
+            out.append(Trained(job.client, result, _owned(self.model.state_dict()), acc))
+        return out
+
+    def accuracy(self, clients: list[int], states: list[Tensors]) -> list[float]:
+        """Each client's model scored on its own test set."""
+        out = []
+        for client, state in zip(clients, states, strict=True):
+            self._load(state)
+            shard = self.shards[client]
+            out.append(accuracy(self.model, shard.x_test, shard.y_test, self.norm))
+        return out
+
+    def accuracy_on(self, state: Tensors, x: torch.Tensor, y: torch.Tensor) -> float:
+        self._load(state)
+        return accuracy(self.model, x, y, self.norm)
+
+
+class GroupTrainer:
+    """Groups of up to ``group_size`` clients with equal train and test sizes, trained at once;
+    every group has exactly ``group_size`` slots, a short one padded with throw-away copies of
+    its first job, so a client's numbers do not depend on who shares its group."""
+
+    def __init__(self, model: nn.Module, shards: Mapping[int, ClientShard],
+                 settings: LocalSettings, norm: Normalisation, seed: int, group_size: int,
+                 stopwatch: Stopwatch):
+        self.model, self.shards, self.settings = model, shards, settings
+        self.norm, self.seed, self.group_size, self.timed = norm, seed, group_size, stopwatch
+        self._group: ClientGroup | None = None
+
+    @property
+    def group(self) -> ClientGroup:
+        if self._group is None:
+            self._group = ClientGroup(self.model, self.group_size)
+        return self._group
+
+    def _padded(self, items: list) -> list:
+        if not 0 < len(items) <= self.group_size:
+            raise ValueError(f"a group holds 1 to {self.group_size} clients, got {len(items)}")
+        return items + items[:1] * (self.group_size - len(items))
+
+    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
+              remember: list[str] | None = None, evaluate: bool = False,
+              epochs: int | None = None) -> list[Trained]:
+        settings = self.settings if epochs is None else _with_epochs(self.settings, epochs)
+        slots = self._padded(jobs)
+        shards = [self.shards[j.client] for j in slots]
+        group = self.group
+        group.load([j.start for j in slots])
+        gens = [stream_generators(self.seed, stream, j.client, round_idx) for j in slots]
+        with self.timed("train"):
+            results = group.train(torch.stack([s.x_train for s in shards]),
+                                  torch.stack([s.y_train for s in shards]), settings, self.norm,
+                                  batch_gens=[g[0] for g in gens],
+                                  augment_gens=[g[1] for g in gens], remember=remember,
+                                  corrections=[j.correction for j in slots])
+        accs: list[float | None] = [None] * len(slots)
+        if evaluate:
+            with self.timed("evaluate"):
+                accs = self._group_accuracy(shards)
+        states = group.states()
+        return [Trained(job.client, results[k], _owned(states[k]), accs[k])
+                for k, job in enumerate(jobs)]
+
+    def _group_accuracy(self, shards: list[ClientShard]) -> list[float]:
+        return self.group.accuracy(torch.stack([s.x_test for s in shards]),
+                                   torch.stack([s.y_test for s in shards]), self.norm)
+
+    def accuracy(self, clients: list[int], states: list[Tensors]) -> list[float]:
+        self.group.load(self._padded(list(states)))
+        shards = [self.shards[c] for c in self._padded(list(clients))]
+        return self._group_accuracy(shards)[:len(clients)]
+
+
+def _with_epochs(settings: LocalSettings, epochs: int) -> LocalSettings:
+    from dataclasses import replace
+
+    return replace(settings, epochs=epochs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ray_lips.config import ConfigError, ExperimentConfig, load_config
-from ray_lips.results import RunWriter, new_run_dir
+from ray_lips.results import RunLockedError, RunWriter, new_run_dir, run_lock
 
 SET_HELP = "Override a config key, e.g. --set train.rounds=10 (repeatable)."
 ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray)."
@@ -73,12 +73,23 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
         resume_dir: str | None, no_ray: bool) -> None:
     """Run one experiment from CONFIG (a run config or a sweep spec's base)."""
     if resume_dir:
-        writer = RunWriter(resume_dir)
-        if not (writer.dir / "config.yaml").exists():
+        run_dir = Path(resume_dir)
+        if not (run_dir / "config.yaml").is_file():
             _fail(f"--resume: {resume_dir} holds no config.yaml; is it a run directory?")
-        cfg, run_dir = writer.read_config(), writer.dir
         if overrides or config:
             _fail("--resume takes the run's own config; do not pass CONFIG or --set")
+        writer = RunWriter(run_dir)
+        try:
+            cfg = writer.read_config()
+        except ConfigError as err:
+            _fail(f"--resume: {run_dir / 'config.yaml'}: {err}")
+        status = writer.read_status()
+        if status.get("status") == "finished":
+            click.echo(f"{run_dir} is finished ({status.get('round')} of "
+                       f"{status.get('rounds')} rounds); nothing to resume", err=True)
+            if status.get("summary"):
+                click.echo(_summary_table({_label(cfg): status["summary"]}))
+            return
     else:
         if not config:
             _fail("give a CONFIG file or --resume RUN_DIR")
@@ -86,19 +97,27 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
         run_dir = new_run_dir(cfg)
         RunWriter(run_dir).write_config(cfg)
     click.echo(f"run directory: {run_dir}", err=True)
-    if no_ray:
-        from ray_lips.engine.experiment import run_local
-
-        summary = run_local(cfg, run_dir)
-    else:
-        _connect_and_check(cfg, address, runs=1)
-        summary = _run_and_report([(_label(cfg), cfg, run_dir)])[_label(cfg)]
+    try:
+        with run_lock(run_dir):
+            summary = _run_one(cfg, run_dir, address, no_ray)
+    except RunLockedError as err:
+        _fail(str(err))
     click.echo(_summary_table({_label(cfg): summary}))
     click.echo(str(run_dir))
 
 
 def _label(cfg: ExperimentConfig) -> str:
     return cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
+
+
+def _run_one(cfg: ExperimentConfig, run_dir: Path, address: str | None,
+             no_ray: bool) -> dict:
+    if no_ray:
+        from ray_lips.engine.experiment import run_local
+
+        return run_local(cfg, run_dir)
+    _connect_and_check(cfg, address, runs=1)
+    return _run_and_report([(_label(cfg), cfg, run_dir)])[_label(cfg)]
 
 
 def _fmt(value: float) -> str:

@@ -299,9 +299,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if tree is None or tree == {}:
+        raise ConfigError(f"{path}: the config file is empty; write at least the keys that "
+                          "differ from the defaults (see sweeps/quickstart.yaml)")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return tree

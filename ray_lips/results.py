@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,36 @@ KEEP_CHECKPOINTS = 2
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used to resume."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is running (or resuming) the same run folder."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (a ``.lock`` file naming the holder's host and
+    PID) for as long as this process runs the run; a second holder is refused at once."""
+    path = Path(run_dir) / ".lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(f"{run_dir} is in use by {holder}; wait for it to end (or stop "
+                             "it) before resuming") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def new_run_dir(cfg: ExperimentConfig, output: str | Path | None = None) -> Path:

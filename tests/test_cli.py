@@ -86,3 +86,51 @@ def test_run_on_local_ray_prints_the_run_directory(tmp_path, tiny_config):
     assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 3
     assert "round 3/3" in result.stderr
     assert "acc_global" in result.stdout
+
+
+# ----- refusals that need no Ray ---------------------------------------------------------------
+def test_an_empty_config_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    result = _cli("run", str(empty))
+    assert result.returncode == 2 and "the config file is empty" in result.stderr
+    assert not (tmp_path / "runs").exists() and not Path("runs", "experiment").exists()
+
+
+def test_resume_of_a_folder_that_is_not_a_run_changes_nothing(tmp_path):
+    folder = tmp_path / "not-a-run"
+    folder.mkdir()
+    result = _cli("run", "--resume", str(folder))
+    assert result.returncode == 2 and "holds no config.yaml" in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_resume_of_a_finished_run_says_so_without_training(tmp_path, tiny_config):
+    from ray_lips.config import validate_config
+    from ray_lips.engine.experiment import run_local
+
+    tiny_config["train"].update(rounds=1, finetune_epochs=0)
+    run_local(validate_config(tiny_config), tmp_path / "done")
+    before = (tmp_path / "done" / "clients.parquet").stat().st_mtime_ns
+    result = _cli("run", "--resume", str(tmp_path / "done"))
+    assert result.returncode == 0, result.stderr
+    assert "is finished (1 of 1 rounds); nothing to resume" in result.stderr
+    assert "acc_global" in result.stdout  # its summary
+    assert (tmp_path / "done" / "clients.parquet").stat().st_mtime_ns == before
+
+
+def test_a_second_resume_of_a_run_in_use_is_refused_naming_the_holder(tmp_path, tiny_config):
+    from ray_lips.config import validate_config
+    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.results import run_lock
+
+    tiny_config["train"].update(rounds=3)
+    run = FederatedRun(validate_config(tiny_config), tmp_path / "busy")
+    run.run_round()
+    run.close()
+    with run_lock(tmp_path / "busy"):  # this test process holds the run, as a running CLI would
+        result = _cli("run", "--resume", str(tmp_path / "busy"), "--local")
+    assert result.returncode == 2
+    assert f"is in use by pid {os.getpid()}" in result.stderr
+    result = _cli("run", "--resume", str(tmp_path / "busy"), "--local")  # free again
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -5,7 +5,8 @@ through the path pools take on this device (``train.batched: auto``: on CPU a gr
 channels-last; ``--serial``: ``local_train``) with the correction each algorithm adds:
 none (FedAvg), FedProx's proximal pull, SCAFFOLD's control-variate offset, and Ditto's
 personal objective (a proximal pull, so FedProx's cost). The variants are interleaved in
-``--repeats`` rounds and each reports its fastest, so load on a shared machine hits them alike.
+``--repeats`` rounds and each reports its fastest, in CPU seconds of this process (one thread
+by default), which other load on a shared machine disturbs far less than wall time.
 
     .venv/bin/python benchmarks/bench_algorithms.py --models resnet8 --steps 10 --repeats 5
 """
@@ -41,7 +42,7 @@ def main() -> None:
     settings = LocalSettings(epochs=args.steps, batch_size=100, lr=0.1, momentum=0.9,
                              weight_decay=0.0)
     norm = Normalisation((0.5,) * 3, (0.25,) * 3, augment=False)
-    print(f"{'model':<10s} {'algorithm':<10s} {'ms/step':>9s} {'vs fedavg':>10s}")
+    print(f"{'model':<10s} {'algorithm':<10s} {'CPU ms/step':>12s} {'vs fedavg':>10s}")
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = build_model(name, (3, 32, 32), 10)
@@ -53,7 +54,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for label, correction in corrections(state, params).items():
                 gens = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
-                started = time.perf_counter()
+                started = time.process_time()
                 if group is None:
                     model.load_state_dict(state)
                     local_train(model, x, y, settings, norm, *gens, correction=correction)
@@ -61,10 +62,10 @@ def main() -> None:
                     group.load([state])
                     group.train(x[None], y[None], settings, norm, [gens[0]], [gens[1]],
                                 corrections=[correction])
-                seconds = (time.perf_counter() - started) / args.steps
+                seconds = (time.process_time() - started) / args.steps
                 best[label] = min(best.get(label, float("inf")), seconds)
         for label, seconds in best.items():
-            print(f"{name:<10s} {label:<10s} {seconds * 1e3:9.1f} "
+            print(f"{name:<10s} {label:<10s} {seconds * 1e3:12.1f} "
                   f"{seconds / best['fedavg']:9.3f}x")
 
 

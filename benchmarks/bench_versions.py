@@ -5,7 +5,9 @@ Both versions run the same in-process rounds (one pool, no Ray, ``--threads`` th
 same workload: ``--clients`` clients x 100 samples of synthetic 3x32x32, batch 100,
 ``--epochs`` local epochs, no evaluation after the warm-up round, for FedAvg and FedAvg + LIPS
 (d0 = 0.5, T = 1, so every timed round builds sparse hand-outs). Each measurement is a fresh
-interpreter; the two versions alternate ``--repeats`` times and each reports its fastest round.
+interpreter; the two versions alternate ``--repeats`` times and each reports its fastest round,
+in wall seconds and in the process's CPU seconds (steadier on a shared machine; use
+``--threads 1`` to make it the whole story).
 
     .venv/bin/python benchmarks/bench_versions.py --rev HEAD~1 --models resnet8,smallcnn
 """
@@ -58,13 +60,15 @@ def worker(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         run = FederatedRun(cfg, run_dir)
         run.run_round()  # warm-up, evaluates
-        times = []
+        times, cpu = [], []
         for _ in range(job["rounds"]):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             run.run_round()
             times.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
         run.close()
-    return {"s_round": min(times), "source": str(Path(ray_lips.__file__).parent.parent)}
+    return {"s_round": min(times), "cpu_s_round": min(cpu),
+            "source": str(Path(ray_lips.__file__).parent.parent)}
 
 
 def run_job(job: dict, source: Path) -> dict:
@@ -108,20 +112,25 @@ def main() -> None:
                                                 args.threads),
                                "threads": args.threads, "rounds": args.rounds}
                         for version, source in (("before", before), ("after", ROOT)):
-                            seconds = run_job(job, source)["s_round"]
-                            key = (model, algorithm, version)
-                            best[key] = min(best.get(key, float("inf")), seconds)
-                            print(f"  {model} {algorithm} {version}: {seconds:.3f} s/round",
+                            result = run_job(job, source)
+                            for kind in ("s_round", "cpu_s_round"):
+                                key = (model, algorithm, version, kind)
+                                best[key] = min(best.get(key, float("inf")), result[kind])
+                            print(f"  {model} {algorithm} {version}: {result['s_round']:.3f} "
+                                  f"s/round, {result['cpu_s_round']:.3f} CPU s/round",
                                   flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(before)], check=False, capture_output=True)
-    print(f"\n{'model':<10s} {'algorithm':<10s} {'before s/round':>15s} {'after s/round':>14s} "
+    print(f"\n{'model':<10s} {'algorithm':<10s} {'seconds':<12s} {'before':>8s} {'after':>8s} "
           f"{'after/before':>13s}")
     for model in args.models.split(","):
         for algorithm in args.algorithms.split(","):
-            b, a = best[(model, algorithm, "before")], best[(model, algorithm, "after")]
-            print(f"{model:<10s} {algorithm:<10s} {b:15.3f} {a:14.3f} {a / b:12.3f}x")
+            for kind, name in (("s_round", "wall/round"), ("cpu_s_round", "CPU/round")):
+                b = best[(model, algorithm, "before", kind)]
+                a = best[(model, algorithm, "after", kind)]
+                print(f"{model:<10s} {algorithm:<10s} {name:<12s} {b:8.3f} {a:8.3f} "
+                      f"{a / b:12.3f}x")
 
 
 if __name__ == "__main__":

@@ -44,10 +44,18 @@ def _connect_and_check(cfg: ExperimentConfig, address: str | None, runs: int) ->
         _fail(str(err))
 
 
-def _run_and_report(runs, *, hint_resume: bool = True) -> dict:
-    from ray_lips.launch import run_on_ray
+def _run_and_report(runs, *, no_ray: bool = False) -> dict:
+    """Run and return the summaries; any failure ends the command with one message naming
+    the run directories and what to do next (no traceback)."""
+    from ray_lips.engine.aggregate import DivergenceError
 
     try:
+        if no_ray:
+            from ray_lips.engine.experiment import run_local
+
+            return {label: run_local(cfg, run_dir) for label, cfg, run_dir in runs}
+        from ray_lips.launch import run_on_ray
+
         return run_on_ray(runs)
     except KeyboardInterrupt:
         dirs = " ".join(str(d) for _, _, d in runs)
@@ -56,7 +64,11 @@ def _run_and_report(runs, *, hint_resume: bool = True) -> dict:
         cause = getattr(err, "cause", None) or err
         for _, _, run_dir in runs:
             click.echo(f"run directory: {run_dir}", err=True)
-        hint = "" if not hint_resume else " (ray-lips run --resume RUN_DIR continues it)"
+        if isinstance(cause, DivergenceError):
+            hint = (" (resuming would diverge again: start a new run with a lower train.lr, "
+                    "or set train.grad_clip)")
+        else:
+            hint = " (ray-lips run --resume RUN_DIR continues it)"
         _fail(f"{type(cause).__name__}: {cause}{hint}", 1)
     return {}
 
@@ -112,12 +124,9 @@ def _label(cfg: ExperimentConfig) -> str:
 
 def _run_one(cfg: ExperimentConfig, run_dir: Path, address: str | None,
              no_ray: bool) -> dict:
-    if no_ray:
-        from ray_lips.engine.experiment import run_local
-
-        return run_local(cfg, run_dir)
-    _connect_and_check(cfg, address, runs=1)
-    return _run_and_report([(_label(cfg), cfg, run_dir)])[_label(cfg)]
+    if not no_ray:
+        _connect_and_check(cfg, address, runs=1)
+    return _run_and_report([(_label(cfg), cfg, run_dir)], no_ray=no_ray)[_label(cfg)]
 
 
 def _fmt(value: float) -> str:

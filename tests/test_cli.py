@@ -134,3 +134,14 @@ def test_a_second_resume_of_a_run_in_use_is_refused_naming_the_holder(tmp_path, 
     assert f"is in use by pid {os.getpid()}" in result.stderr
     result = _cli("run", "--resume", str(tmp_path / "busy"), "--local")  # free again
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_diverging_local_run_ends_with_one_message_that_says_what_to_change(tmp_path,
+                                                                             tiny_config):
+    tiny_config["train"].update(rounds=2, lr=1.0e6)
+    result = _cli("run", str(_config(tmp_path, tiny_config)), "--local")
+    assert result.returncode == 1
+    assert "DivergenceError" in result.stderr and "lower train.lr" in result.stderr
+    assert "--resume" not in result.stderr and "Traceback" not in result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert yaml.safe_load((run_dir / "status.json").read_text())["status"] == "diverged"

@@ -8,6 +8,7 @@ import os
 import pickle
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,15 +144,31 @@ class RunWriter:
         return found[-1] if found else None
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any] | None:
-        """The latest (or the given) checkpoint, read with ``weights_only``: tensors and plain
-        values only, so a crafted file in a shared run folder cannot run code."""
-        path = path or self.latest_checkpoint()
-        if path is None:
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"{path}: refused to load: it holds objects other than tensors and plain "
-                f"values, which a ray-lips checkpoint never does (a crafted or foreign file?): "
-                f"{str(err).splitlines()[0]}") from None
+        """The given checkpoint, or the newest intact one (a damaged newest file, e.g. cut
+        short by a full disk, is reported and the one before it used: two are kept).
+
+        Read with ``weights_only``: tensors and plain values only, so a crafted file in a
+        shared run folder cannot run code; such a file is refused, never skipped.
+        """
+        found = [path] if path is not None else sorted(
+            (self.dir / CHECKPOINT_DIR).glob("round_*.pt"), reverse=True)
+        damaged = []
+        for candidate in found:
+            try:
+                checkpoint = torch.load(candidate, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(
+                    f"{candidate}: refused to load: it holds objects other than tensors and "
+                    f"plain values, which a ray-lips checkpoint never does (a crafted or "
+                    f"foreign file?): {str(err).splitlines()[0]}") from None
+            except (RuntimeError, EOFError, OSError) as err:
+                damaged.append(f"{candidate.name} ({str(err).splitlines()[0]})")
+                continue
+            if damaged:
+                warnings.warn(f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; resuming "
+                              f"from {candidate.name}", stacklevel=2)
+            return checkpoint
+        if damaged:
+            raise CheckpointError(f"{self.dir / CHECKPOINT_DIR}: no intact checkpoint: "
+                                  + "; ".join(damaged))
+        return None

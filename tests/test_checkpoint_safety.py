@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import pandas as pd
 import pytest
 import torch
 
@@ -43,3 +44,30 @@ def test_a_crafted_checkpoint_is_refused_without_running_it(tmp_path, tiny_confi
     with pytest.raises(CheckpointError, match="refused to load"):
         FederatedRun(cfg, tmp_path / "run")
     assert not marker.exists()
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_config):
+    tiny_config["train"].update(rounds=4, checkpoint_every=1, local_epochs=1)
+    cfg = validate_config(tiny_config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_local(cfg, tmp_path / "straight")
+        run = FederatedRun(cfg, tmp_path / "cut")
+        for _ in range(3):
+            run.run_round()
+        run.close()
+        newest = tmp_path / "cut" / "checkpoints" / "round_00002.pt"
+        newest.write_bytes(newest.read_bytes()[:1000])  # a disk that filled up mid-write
+        with pytest.warns(UserWarning, match="round_00002.pt .*resuming from round_00001.pt"):
+            resumed = FederatedRun(cfg, tmp_path / "cut")
+        assert resumed.round == 2
+        resumed.close()
+        with pytest.warns(UserWarning, match="damaged checkpoint"):
+            run_local(cfg, tmp_path / "cut")  # the damaged file is replaced as it goes
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("rounds.parquet", "layers.parquet", "clients.parquet"):
+        a = pd.read_parquet(tmp_path / "straight" / name).drop(columns="seconds", errors="ignore")
+        b = pd.read_parquet(tmp_path / "cut" / name).drop(columns="seconds", errors="ignore")
+        pd.testing.assert_frame_equal(a, b, check_exact=True)

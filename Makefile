@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-## FedAvg vs LIPS on MNIST-1D (offline) on a local Ray, printed side by side (~5 min, 2 CPUs).
+## FedAvg vs LIPS on MNIST-1D (offline) on a local Ray, printed side by side (5-16 min on 2 CPUs).
 demo: $(STAMP)
 	$(BIN)/ray-lips compare sweeps/demo.yaml
 

@@ -132,6 +132,7 @@ class _QuadraticClients:
     problems: list[tuple[torch.Tensor, torch.Tensor]]
     lr: float
     steps: int
+    momentum: float = 0.0
     store: ClientStore = field(default_factory=ClientStore)
     remember: list[str] | None = None
     global_state: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -154,6 +155,7 @@ class _QuadraticClients:
         for job in jobs:
             a, b = self.problems[job.client]
             w = job.start["w"].clone().requires_grad_(True)
+            buffer = None  # a fresh momentum buffer each round, as local_train's optimiser
             for _ in range(self.steps):
                 loss = 0.5 * ((a @ w - b) ** 2).sum() / len(b)
                 w.grad = None
@@ -161,7 +163,9 @@ class _QuadraticClients:
                 if job.correction is not None:
                     correct_gradients({"w": w}, job.correction)
                 with torch.no_grad():
-                    w -= self.lr * w.grad
+                    buffer = w.grad.clone() if buffer is None else \
+                        buffer * self.momentum + w.grad
+                    w -= self.lr * buffer
             out.append(Trained(job.client, LocalResult(float(loss.detach()), self.steps, None),
                                {"w": w.detach().clone()}))
         return out
@@ -169,7 +173,7 @@ class _QuadraticClients:
 
 def _federate(algorithm: str, ctx: _QuadraticClients, rounds: int, tiny_config) -> torch.Tensor:
     tree = _config(tiny_config, algorithm)
-    tree["train"].update(lr=ctx.lr, momentum=0.0)
+    tree["train"].update(lr=ctx.lr, momentum=ctx.momentum)
     alg = build_algorithm(validate_config(tree), _Vector(ctx.problems[0][0].shape[1]))
     state = {"w": torch.zeros(ctx.problems[0][0].shape[1], dtype=torch.float64)}
     server = alg.init_server_state(state)
@@ -187,7 +191,7 @@ def _federate(algorithm: str, ctx: _QuadraticClients, rounds: int, tiny_config) 
     return state["w"]
 
 
-def test_scaffold_reaches_the_least_squares_optimum_where_fedavg_stalls(tiny_config):
+def _least_squares() -> tuple[list, torch.Tensor, float]:
     gen = torch.Generator().manual_seed(0)
     dim, clients = 4, 4
     problems = []
@@ -199,10 +203,24 @@ def test_scaffold_reaches_the_least_squares_optimum_where_fedavg_stalls(tiny_con
     optimum = torch.linalg.solve(hessian, sum(a.T @ b for a, b in problems))
     # lr below 1/L of the steepest client; 10 local steps make FedAvg drift.
     lr = 0.5 / max(float(torch.linalg.eigvalsh(a.T @ a / 20).max()) for a, _ in problems)
+    return problems, optimum, lr
+
+
+def test_scaffold_reaches_the_least_squares_optimum_where_fedavg_stalls(tiny_config):
+    problems, optimum, lr = _least_squares()
     fedavg = _federate("fedavg", _QuadraticClients(problems, lr, 10), 300, tiny_config)
     scaffold = _federate("scaffold", _QuadraticClients(problems, lr, 10), 300, tiny_config)
     assert float((scaffold - optimum).norm()) < 1e-3
     assert float((fedavg - optimum).norm()) > 0.05
+
+
+def test_scaffold_with_momentum_sgd_still_reaches_the_optimum(tiny_config):
+    """Local SGD with momentum 0.9 (as the paper's setting): the control variates divide the
+    displacement by the momentum-weighted step count, not by K."""
+    problems, optimum, lr = _least_squares()
+    ctx = _QuadraticClients(problems, lr / 10, 5, momentum=0.9)  # lr / (1 - momentum): as above
+    scaffold = _federate("scaffold", ctx, 400, tiny_config)
+    assert float((scaffold - optimum).norm()) < 1e-3
 
 
 # ----- personalised and local algorithms -------------------------------------------------------

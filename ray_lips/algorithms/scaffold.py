@@ -1,14 +1,16 @@
 """SCAFFOLD (Karimireddy et al., 2020), option II control variates.
 
 Client i corrects every local gradient by c - c_i. After K local steps of learning rate lr from
-x (the model it was handed) to y_i, it sets c_i+ = c_i - c + (x - y_i) / (K lr), keeps c_i+,
+x (the model it was handed) to y_i, it sets c_i+ = c_i - c + (x - y_i) / (K' lr), keeps c_i+,
 and returns y_i (weighted by its share of the round's samples, as FedAvg) and
 Δc_i = c_i+ - c_i (weighted by its share n_i / n of all clients' samples). The server moves x by
 the server step size towards the clients' average, x <- x + server_lr (avg y - x), and
 c <- c + Σ (n_i / n) Δc_i, so c stays the sample-weighted mean of every client's c_i (the
 paper's (1/N) Σ when clients hold equal shares) and the fixed point is the optimum of the
 sample-weighted objective FedAvg minimises. With c = c_i = 0 the first round is FedAvg's;
-server_lr = 1 makes the new global model the clients' average.
+server_lr = 1 makes the new global model the clients' average. K' is K for plain SGD and the
+momentum-weighted step count (:func:`momentum_steps`) for SGD with momentum, so that c_i+ stays
+the average gradient along the client's path, as option II intends.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ from ray_lips.algorithms.base import (
 
 CONTROL = "control"  # the message and the aggregated part: the global control variate c
 CLIENT_CONTROL = "scaffold.c"  # the client-state slot of c_i
+
+
+def momentum_steps(steps: int, momentum: float) -> float:
+    """How many plain SGD steps K steps of SGD with ``momentum`` (a fresh buffer, PyTorch's
+    form buf = momentum * buf + g) move the weights under a constant gradient:
+    sum_t (1 - momentum^t) / (1 - momentum); K without momentum. Dividing the displacement by
+    it (not by K) keeps c_i+ the average gradient: with momentum 0.9 and 5 steps the plain K
+    would overstate it 2.6x, and SCAFFOLD then diverged on MNIST-1D (resnet8_1d, lr 0.1)."""
+    if momentum == 0:
+        return float(steps)
+    return sum((1 - momentum**t) / (1 - momentum) for t in range(1, steps + 1))
 
 
 class Scaffold(Algorithm):
@@ -59,7 +72,8 @@ class Scaffold(Algorithm):
         out = super().update(ctx, job, trained, message)
         c = message[CONTROL]
         c_i = self._client_control(ctx, job.client, c)
-        scale = 1.0 / (trained.result.steps * self.cfg.train.lr)
+        scale = 1.0 / (momentum_steps(trained.result.steps, self.cfg.train.momentum)
+                       * self.cfg.train.lr)
         new_c_i, delta = {}, {}
         for n in self.parameter_names:
             drift = (job.start[n].to(trained.state[n].device) - trained.state[n]) * scale

@@ -199,9 +199,8 @@ class ClientGroup:
                 augment_gens: Sequence[torch.Generator] | None) -> torch.Tensor:
         """Stored samples (G * B, C, *S), client-major -> normalised wide input (B, G * C, *S)."""
         g = self.clients
-        flat = prepare_batch(samples, norm.mean, norm.std, augment=False)
-        if augment_gens is not None and norm.augment and flat.dim() == 4:
-            flat = _crop_flip(flat, augment_gens)
+        flat = prepare_batch(samples, norm.mean, norm.std, generator=augment_gens,
+                             augment=augment_gens is not None and norm.augment, steps=norm.steps)
         b, c, spatial = flat.shape[0] // g, flat.shape[1], flat.shape[2:]
         flat = flat.reshape(g, b, c, *spatial)
         if self.channels_last and flat.dim() == 5:
@@ -362,29 +361,6 @@ class _SlotwiseSGD:
                 torch._foreach_add_(self.buffers, steps)
             steps = self.buffers
         torch._foreach_sub_(params, torch._foreach_mul(steps, self.lr))
-
-
-def _crop_flip(x: torch.Tensor, augment_gens: Sequence[torch.Generator],
-               pad: int = 4) -> torch.Tensor:
-    """Random crop + flip of (G * B, C, H, W), client-major, with each client's offsets drawn
-    from its own generator exactly as :func:`ray_lips.data.augment.random_crop_flip` draws
-    them (so the pixels are the same); two gathers instead of one advanced index."""
-    total, c, h, w = x.shape
-    b = total // len(augment_gens)
-    draws = []
-    for gen in augment_gens:
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        flip = torch.randint(0, 2, (b,), generator=gen).bool()
-        draws.append((dy, dx, flip))
-    dy, dx, flip = (torch.cat(parts) for parts in zip(*draws, strict=True))
-    rows = dy[:, None] + torch.arange(h)  # (N, H): padded-row index of each output row
-    cols = dx[:, None] + torch.arange(w)  # (N, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
-    padded = F.pad(x, (pad, pad, pad, pad))
-    picked = padded.gather(2, rows[:, None, :, None].expand(total, c, h, w + 2 * pad))
-    return picked.gather(3, cols[:, None, None, :].expand(total, c, h, w))
 
 
 def _clip_per_client(params: list[nn.Parameter], clients: int, max_norm: float) -> None:

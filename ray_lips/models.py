@@ -2,7 +2,8 @@
 
 Every architecture is written once and parameterised by the signal dimension (1 for ``(C, L)``
 signals, 2 for ``(C, H, W)`` images), so the ``*_1d`` models are the same plans with
-``Conv1d``/``BatchNorm1d``/``MaxPool1d`` layers.
+``Conv1d``/``BatchNorm1d``/``MaxPool1d`` layers. ``model`` may also be the import path of a
+builder of the user's (``package.module:build``), called as ``build(sample_shape, num_classes)``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ _AVGPOOL: dict[int, type[nn.Module]] = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveA
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# What counts as a convolution (LIPS eligibility) or a BatchNorm in any model, the user's
+# included: every torch convolution (1-, 2-, 3-D, transposed) and every BatchNorm.
+_ANY_CONV = nn.modules.conv._ConvNd
+_ANY_BN = nn.modules.batchnorm._BatchNorm
 
 
 def _conv(dim: int, cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = False):
@@ -173,10 +178,14 @@ class SmallCNN(nn.Module):
 
 
 def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build model ``name`` for samples of ``sample_shape`` ((C, H, W) or (C, L)).
+    """Build model ``name`` (or the user's builder ``name`` names) for samples of
+    ``sample_shape`` ((C, H, W) or (C, L)).
 
-    Raises ValueError for unknown names, bad shapes, or a 1-D/2-D mismatch.
+    Raises ValueError for unknown names, bad shapes, or a 1-D/2-D mismatch; ConfigError
+    (naming ``model``) for a builder that cannot be imported or builds no fitting model.
     """
+    if name not in MODEL_NAMES and ":" in name:
+        return build_user_model(name, sample_shape, num_classes)
     if name not in MODEL_NAMES:
         raise ValueError(f"model: unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     shape = tuple(sample_shape)
@@ -205,13 +214,54 @@ def build_model(name: str, sample_shape: tuple[int, ...], num_classes: int) -> n
     return SmallCNN(dim, in_channels, num_classes)
 
 
+def build_user_model(path: str, sample_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``build(sample_shape, num_classes)`` of the builder ``path`` names, checked: it must
+    return an ``nn.Module`` with float parameters that maps a batch of two zero samples to
+    (2, num_classes) logits (checked in eval mode without gradients; the module is returned in
+    training mode)."""
+    from ray_lips.config import ConfigError
+    from ray_lips.data.userimport import import_object
+
+    shape = tuple(int(s) for s in sample_shape)
+    call = f"model: {path}({shape}, {num_classes})"
+    builder = import_object(path, "model")
+    try:
+        model = builder(shape, num_classes)
+    except Exception as err:  # noqa: BLE001 - the user's builder failed: say how, in one line
+        raise ConfigError(f"{call} raised {_one_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{call} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.is_floating_point() for p in model.parameters()):
+        raise ConfigError(f"{call} returned a module without float parameters to train")
+    try:
+        with torch.no_grad():
+            model.eval()
+            out = model(torch.zeros((2, *shape)))
+    except Exception as err:  # noqa: BLE001 - the forward pass failed: say how, in one line
+        raise ConfigError(f"{call}: a forward pass on a batch of shape {(2, *shape)} failed: "
+                          f"{_one_line(err)}") from None
+    finally:
+        model.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{call}: a batch of shape {(2, *shape)} gives {got}; expected "
+                          f"logits of shape (2, {num_classes})")
+    return model
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def eligible_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters LIPS may sparsify.
 
-    Weight and bias of every Conv1d/Conv2d except the first one in module order (the stem);
-    never BatchNorm or Linear parameters.
+    Weight and bias of every convolution (any torch ``ConvNd``, transposed included) except
+    the first one in module order (the stem: the first registered, which is the first applied
+    in ``nn.Sequential``-like models); never BatchNorm, Linear or other parameters. A model
+    with fewer than two convolutions has none.
     """
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONV_TYPES)]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, _ANY_CONV)]
     known = {name for name, _ in model.named_parameters()}  # drops aliases of shared params
     names: list[str] = []
     for module_name, module in convs[1:]:
@@ -220,6 +270,18 @@ def eligible_parameter_names(model: nn.Module) -> list[str]:
             if full in known:
                 names.append(full)
     return names
+
+
+def check_lips_eligible(eligible: list[str], model_name: str) -> None:
+    """``handout: lips`` needs something to sparsify: ConfigError for a model whose
+    :func:`eligible_parameter_names` is empty (fewer than two convolutions), as its "LIPS" run
+    would be FedAvg under another name."""
+    if not eligible:
+        from ray_lips.config import ConfigError
+
+        raise ConfigError(
+            f"handout: 'lips' sparsifies every convolution but the first, and model "
+            f"{model_name!r} has fewer than two convolutions; use handout: dense")
 
 
 @dataclass(frozen=True)
@@ -233,9 +295,9 @@ class LayerGroup:
 
 
 def _kind(module: nn.Module) -> str:
-    if isinstance(module, _CONV_TYPES):
+    if isinstance(module, _ANY_CONV):
         return "conv"
-    if isinstance(module, _BN_TYPES):
+    if isinstance(module, _ANY_BN):
         return "bn"
     if isinstance(module, nn.Linear):
         return "linear"

@@ -9,16 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ray_lips.data.augment import prepare_batch
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """How a pool turns stored samples into model inputs."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
+from ray_lips.data.augment import Normalisation, prepare_batch
 
 
 @dataclass(frozen=True)
@@ -105,7 +96,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
         for start in range(0, n, settings.batch_size):
             idx = order[start:start + settings.batch_size]
             inputs = prepare_batch(x[idx], norm.mean, norm.std, augment=norm.augment,
-                                   generator=augment_gen)
+                                   generator=augment_gen, steps=norm.steps)
             optimiser.zero_grad(set_to_none=True)
             with precision_autocast(device, settings.precision):
                 loss = nn.functional.cross_entropy(model(inputs), y[idx])
@@ -131,7 +122,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalisa
     model.eval()
     correct = 0
     for start in range(0, x.shape[0], batch_size):
-        inputs = prepare_batch(x[start:start + batch_size], norm.mean, norm.std, augment=False)
+        inputs = prepare_batch(x[start:start + batch_size], norm.mean, norm.std, augment=False,
+                               steps=norm.steps)
         correct += int((model(inputs).argmax(1) == y[start:start + batch_size]).sum())
     return correct / max(x.shape[0], 1)
 
@@ -149,7 +141,8 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, norm: Normalisation
         bn.momentum = None  # cumulative moving average over all batches seen
     model.train()
     for start in range(0, x.shape[0], batch_size):
-        model(prepare_batch(x[start:start + batch_size], norm.mean, norm.std, augment=False))
+        model(prepare_batch(x[start:start + batch_size], norm.mean, norm.std, augment=False,
+                            steps=norm.steps))
     for bn, momentum in zip(bns, saved_momentum, strict=True):
         bn.momentum = momentum
     model.eval()

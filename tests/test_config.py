@@ -36,6 +36,10 @@ def test_sweep_section_is_ignored_by_run_configs(tmp_path, tiny_config):
     ("train.rounds=0", "train.rounds"),
     ("train.bogus=1", "train.bogus"),
     ("resources.pools=0", "resources.pools"),
+    ("data.augment=sometimes", "data.augment"),
+    ("data.image_size=[8,8]", "data.image_size"),
+    ("model=mypkg_that_is_absent.nets:build", "model"),
+    ("data.dataset=mypkg_that_is_absent.data:load", "data.dataset"),
 ])
 def test_invalid_values_name_their_key(tmp_path, tiny_config, override, key):
     with pytest.raises(ConfigError) as err:
@@ -85,3 +89,12 @@ def test_setting_the_algorithm_alone_resets_the_handout_it_implies(tmp_path):
 def test_run_names_are_one_safe_folder_name(name):
     with pytest.raises(ConfigError, match="name: .*one safe folder name"):
         validate_config({"name": name})
+
+
+def test_augment_reference_is_accepted_everywhere_and_recorded(tiny_config):
+    """``reference`` is the reference's pipeline for CIFAR and Tiny-ImageNet and ``auto``
+    for the datasets it has none for (so a paper spec shrunk to synthetic data still runs)."""
+    for dataset in ("cifar10", "cifar100", "tinyimagenet", "digits", "synthetic"):
+        tiny_config["data"].update(dataset=dataset, augment="reference")
+        cfg = validate_config(tiny_config)
+        assert cfg.data.augment == "reference" and "augment: reference" in cfg.to_yaml()

@@ -16,6 +16,7 @@ import torch
 
 from ray_lips.algorithms.base import Tensors
 from ray_lips.algorithms.handout import DenseHandout
+from ray_lips.models import check_lips_eligible
 from ray_lips.schedule import density_at
 from ray_lips.seeding import torch_generator
 from ray_lips.sparsify import GRADIENT_SCORERS, sparsify_state
@@ -32,6 +33,7 @@ class LipsHandout(DenseHandout):
     name = "lips"
 
     def __init__(self, cfg: ExperimentConfig, eligible: list[str]):
+        check_lips_eligible(eligible, cfg.model)
         self.cfg = cfg
         self.eligible = eligible
         self.remember = eligible if cfg.lips.scorer in GRADIENT_SCORERS else None

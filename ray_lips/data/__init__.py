@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ray_lips.data.augment import prepare_batch
+    from ray_lips.data.augment import Normalisation, input_pipeline, prepare_batch
     from ray_lips.data.datasets import ArrayDataset, DatasetInfo, dataset_info, load_dataset
     from ray_lips.data.partition import ClientSplit, partition_clients
 
@@ -22,13 +22,17 @@ _WHERE = {
     "ClientSplit": "partition",
     "partition_clients": "partition",
     "prepare_batch": "augment",
+    "Normalisation": "augment",
+    "input_pipeline": "augment",
 }
 
 __all__ = [
     "ArrayDataset",
     "ClientSplit",
     "DatasetInfo",
+    "Normalisation",
     "dataset_info",
+    "input_pipeline",
     "load_dataset",
     "partition_clients",
     "prepare_batch",

@@ -3,6 +3,8 @@
 Every dataset is loaded whole into an :class:`ArrayDataset` (train and test split). Images stay
 ``uint8`` (N, C, H, W) to save memory and are scaled and normalised per batch by
 :func:`ray_lips.data.augment.prepare_batch`; the small datasets are ``float32`` already.
+Datasets other than the built-in ones (an import path, a ``.npz`` file, an image folder) are
+read by :mod:`ray_lips.data.byo`.
 
 Only :func:`dataset_info` is needed by the config validator, so this module imports numpy and
 torch lazily: importing it must stay cheap.
@@ -68,18 +70,26 @@ _STATIC_INFO = {
 }
 
 
-def dataset_info(data: DataConfig) -> DatasetInfo:
-    """Sizes, classes and sample shape of ``data.dataset``, without reading any data."""
+def dataset_info(data: DataConfig) -> DatasetInfo | None:
+    """Sizes, classes and sample shape of ``data.dataset``, without reading the samples.
+
+    ``None`` for a dataset named by an import path: its function runs only when the data is
+    loaded. A ``.npz`` file's labels are read (and its arrays' headers checked).
+    """
     if data.dataset == "synthetic":
         s = data.synthetic
         return DatasetInfo(s.train_size, s.test_size, s.classes, tuple(s.shape))
-    if data.dataset not in _STATIC_INFO:
-        raise ValueError(f"data.dataset: unknown dataset {data.dataset!r}")
-    return _STATIC_INFO[data.dataset]
+    if data.dataset in _STATIC_INFO:
+        return _STATIC_INFO[data.dataset]
+    from ray_lips.data import byo
+
+    byo.resolve(data.dataset)
+    return byo.dataset_info(data)
 
 
 def load_dataset(data: DataConfig) -> ArrayDataset:
-    """Load the train and test split of ``data.dataset`` into memory."""
+    """Load the train and test split of ``data.dataset`` into memory (checked, for a dataset
+    of the user's: ``ray_lips.config.ConfigError`` names what is wrong)."""
     loaders = {
         "cifar10": _load_cifar,
         "cifar100": _load_cifar,
@@ -89,7 +99,9 @@ def load_dataset(data: DataConfig) -> ArrayDataset:
         "synthetic": _load_synthetic,
     }
     if data.dataset not in loaders:
-        raise ValueError(f"data.dataset: unknown dataset {data.dataset!r}")
+        from ray_lips.data import byo
+
+        return byo.load(data)
     return loaders[data.dataset](data)
 
 

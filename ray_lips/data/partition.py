@@ -53,14 +53,15 @@ def partition_clients(
     _check(scheme, clients, train_per_client, test_per_client, alpha)
     rng = np.random.default_rng(seed)
     n, n_test = train_per_client, test_per_client
+    train_rows, test_rows = _class_rows(y_train), _class_rows(y_test)
 
     if scheme == "dirichlet":
         mixes = rng.dirichlet(np.full(num_classes, float(alpha)), size=clients)
         train_rng, test_rng = rng.spawn(2)
         return [
             ClientSplit(
-                _draw_by_class(y_train, rounded_counts(q, n), train_rng, k, "train"),
-                _draw_by_class(y_test, rounded_counts(q, n_test), test_rng, k, "test"),
+                _draw_by_class(train_rows, rounded_counts(q, n), train_rng, k, "train"),
+                _draw_by_class(test_rows, rounded_counts(q, n_test), test_rng, k, "test"),
                 q,
             )
             for k, q in enumerate(mixes)
@@ -83,9 +84,9 @@ def partition_clients(
             q = np.zeros(num_classes)
             q[picked] = 1.0 / classes_per_client
             splits.append(ClientSplit(
-                _draw_by_class(y_train, _equal_counts(picked, n, num_classes), train_rng, k,
+                _draw_by_class(train_rows, _equal_counts(picked, n, num_classes), train_rng, k,
                                "train"),
-                _draw_by_class(y_test, _equal_counts(picked, n_test, num_classes), test_rng, k,
+                _draw_by_class(test_rows, _equal_counts(picked, n_test, num_classes), test_rng, k,
                                "test"),
                 q,
             ))
@@ -144,13 +145,14 @@ def _equal_counts(classes: np.ndarray, n: int, num_classes: int) -> np.ndarray:
 
 
 def _draw_by_class(
-    y: np.ndarray, counts: np.ndarray, rng: np.random.Generator, client: int, split: str
+    by_class: list[np.ndarray], counts: np.ndarray, rng: np.random.Generator, client: int,
+    split: str
 ) -> np.ndarray:
-    """Draw ``counts[c]`` indices of class c from ``y``; with replacement only if the pool is
-    smaller than the count."""
+    """Draw ``counts[c]`` of the rows ``by_class[c]`` of class c; with replacement only if the
+    class has fewer rows than the count."""
     parts = []
     for c in np.flatnonzero(counts):
-        pool = np.flatnonzero(y == c)
+        pool = by_class[c] if c < len(by_class) else np.zeros(0, dtype=np.int64)
         if len(pool) == 0:
             raise ValueError(
                 f"data.dataset: class {c} has no samples in the {split} split, but client "
@@ -158,6 +160,14 @@ def _draw_by_class(
             )
         parts.append(rng.choice(pool, int(counts[c]), replace=len(pool) < counts[c]))
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _class_rows(y: np.ndarray) -> list[np.ndarray]:
+    """The rows of each class of ``y`` in increasing order (``np.flatnonzero(y == c)``),
+    computed once per partition instead of once per client and class."""
+    order = np.argsort(y, kind="stable")
+    bounds = np.searchsorted(y[order], np.arange(int(y.max(initial=-1)) + 2))
+    return [order[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
 
 
 def _labels(y: np.ndarray, num_classes: int, split: str) -> np.ndarray:

@@ -258,6 +258,8 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
         problems.append(problem)
     state = status.get("status") or "unknown"
     error = status.get("error")
+    if state == "finished" and any(problems):
+        state = "damaged"  # listed with the reason, never counted nor silently dropped
     if not error and state != "finished":
         error = tune_error(path, root)
     notes = [p for p in problems if p]

@@ -1,6 +1,6 @@
-"""Scale: 10,000 clients x 20 samples, 1% participation, against 1,000 clients at 10%.
+"""Scale: 10,000 and 100,000 clients x 20 samples against 1,000, 100 participants a round.
 
-Both runs have 100 participants a round (synthetic 1x28x28, smallcnn, 5 local epochs, batch
+Every run has 100 participants a round (synthetic 1x28x28, smallcnn, 5 local epochs, batch
 50, LIPS d0 = 0.5, T = 5, evaluation every round, 2 pools with 1 CPU each on a private local
 Ray). If a round costs what its participants cost, seconds per round are the same for both.
 The table also gives the time a round spends evaluating (the slowest pool's), the rest that is
@@ -10,6 +10,10 @@ memory grew from round 1 to the last round.
 
     python benchmarks/bench_scale.py                       # 20 rounds each, ~9 min on 2 CPUs
     python benchmarks/bench_scale.py --rounds 5 --clients 1000,10000 --finish
+    python benchmarks/bench_scale.py --clients 1000,100000 --algorithm scaffold --handout lips
+
+``--algorithm`` / ``--handout`` pick the method (default FedAvg with the LIPS hand-out, as the
+rows in benchmarks/README.md): SCAFFOLD keeps a control variate per client that has taken part.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from ray_lips.memory import peak_rss_mb  # noqa: E402
 PARTICIPANTS = 100
 
 
-def scale_config(clients: int, rounds: int, batched: bool | str, cpus: int) -> dict[str, Any]:
+def scale_config(clients: int, rounds: int, batched: bool | str, cpus: int,
+                 algorithm: str = "fedavg", handout: str = "lips") -> dict[str, Any]:
     return {
-        "name": f"scale{clients}", "seed": 0, "model": "smallcnn", "algorithm": "lips",
+        "name": f"scale{clients}", "seed": 0, "model": "smallcnn", "algorithm": algorithm,
+        "handout": handout,
         "data": {"dataset": "synthetic", "partition": "dirichlet", "alpha": 0.1,
                  "clients": clients, "train_per_client": 20, "test_per_client": 20,
                  "synthetic": {"shape": [1, 28, 28], "classes": 10, "train_size": 5000,
@@ -90,6 +96,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     out.update(seconds=seconds, pool_rss=pool_rss, overhead=overhead, evaluate=evaluate,
                driver_peak=peak_rss_mb(), driver_rss=rss_mb(),
                pool_peak=max(s["peak_rss_mb"] for s in stats),
+               client_state_mb=sum(s["client_state_mb"] for s in stats),
                batched=bool(stats[0]["batched"]), group_size=int(stats[0]["group_size"]),
                load=load())
     return out
@@ -102,6 +109,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--batched", default="auto", help="true, false or auto")
     parser.add_argument("--finish", action="store_true", help="also time the final fine-tuning")
+    parser.add_argument("--algorithm", default="fedavg")
+    parser.add_argument("--handout", default="lips")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,7 +120,8 @@ def main() -> None:
     batched = {"true": True, "false": False}.get(args.batched, args.batched)
     results = []
     for clients in (int(c) for c in args.clients.split(",")):
-        job = {"config": scale_config(clients, args.rounds, batched, args.cpus),
+        job = {"config": scale_config(clients, args.rounds, batched, args.cpus, args.algorithm,
+                                      args.handout),
                "cpus": args.cpus, "finish": args.finish}
         result = run_worker(__file__, job)
         result["clients"] = clients
@@ -131,12 +141,12 @@ def main() -> None:
                      statistics.median(r["overhead"][1:]),
                      r["seconds"][0], max(steady), r["setup_s"],
                      r.get("finish_s", "-"), r["driver_rss_after_setup"], r["driver_peak"],
-                     r["pool_peak"],
+                     r["pool_peak"], r["client_state_mb"],
                      r["pool_rss"][-1] - r["pool_rss"][0], r["load"]])
     header = ["clients", "participants", "rounds", "training", "group", "s/round (median)",
               "x first", "evaluation s/round", "other s/round", "round 0 s", "slowest round s",
               "setup s", "finish s", "driver MB after setup", "driver peak MB", "pool peak MB",
-              "pool RSS growth MB", "load avg"]
+              "client state MB", "pool RSS growth MB", "load avg"]
     print()
     print(markdown_table(header, rows))
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -22,10 +23,31 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
     try:
-        return load_config(config, overrides)
+        return absolute_paths(load_config(config, overrides))
     except ConfigError as err:
         _fail(str(err))
         raise  # unreachable
+
+
+def _preflight(cfg: ExperimentConfig) -> None:
+    """The checks that need no Ray (files, folders, data sizes): exit 2 with one line."""
+    from ray_lips.preflight import check_before_ray
+
+    try:
+        for warning in check_before_ray(cfg):
+            click.echo(f"warning: {warning}", err=True)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Relative folders in the config, resolved against where the user stands: Ray's workers
+    start elsewhere (see ``runtime.connect``)."""
+    if not cfg.data.root.startswith("~"):
+        cfg.data.root = str(Path(cfg.data.root).resolve())
+    if cfg.resources.spill_dir and not cfg.resources.spill_dir.startswith("~"):
+        cfg.resources.spill_dir = str(Path(cfg.resources.spill_dir).resolve())
+    return cfg
 
 
 @click.group()
@@ -44,11 +66,20 @@ def _connect_and_check(cfg: ExperimentConfig, address: str | None, runs: int) ->
         _fail(str(err))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler, ``kill``): an interruption like Ctrl+C."""
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated("stopped by SIGTERM")
+
+
 def _run_and_report(runs, *, no_ray: bool = False) -> dict:
     """Run and return the summaries; any failure ends the command with one message naming
     the run directories and what to do next (no traceback)."""
     from ray_lips.engine.aggregate import DivergenceError
 
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         if no_ray:
             from ray_lips.engine.experiment import run_local
@@ -57,9 +88,11 @@ def _run_and_report(runs, *, no_ray: bool = False) -> dict:
         from ray_lips.launch import run_on_ray
 
         return run_on_ray(runs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         dirs = " ".join(str(d) for _, _, d in runs)
-        _fail(f"interrupted; resume with: ray-lips run --resume {dirs}", 130)
+        how = str(err) or "interrupted"
+        code = 143 if isinstance(err, Terminated) else 130
+        _fail(f"{how}; resume with: ray-lips run --resume {dirs}", code)
     except Exception as err:  # noqa: BLE001 - report any failure with the run directory
         cause = getattr(err, "cause", None) or err
         for _, _, run_dir in runs:
@@ -85,14 +118,14 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
         resume_dir: str | None, no_ray: bool) -> None:
     """Run one experiment from CONFIG (a run config or a sweep spec's base)."""
     if resume_dir:
-        run_dir = Path(resume_dir)
+        run_dir = Path(resume_dir).resolve()
         if not (run_dir / "config.yaml").is_file():
             _fail(f"--resume: {resume_dir} holds no config.yaml; is it a run directory?")
         if overrides or config:
             _fail("--resume takes the run's own config; do not pass CONFIG or --set")
         writer = RunWriter(run_dir)
         try:
-            cfg = writer.read_config()
+            cfg = absolute_paths(writer.read_config())
         except ConfigError as err:
             _fail(f"--resume: {run_dir / 'config.yaml'}: {err}")
         status = writer.read_status()
@@ -102,10 +135,12 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             if status.get("summary"):
                 click.echo(_summary_table({_label(cfg): status["summary"]}))
             return
+        _preflight(cfg)
     else:
         if not config:
             _fail("give a CONFIG file or --resume RUN_DIR")
         cfg = _load(config, overrides)
+        _preflight(cfg)
         run_dir = new_run_dir(cfg)
         RunWriter(run_dir).write_config(cfg)
     click.echo(f"run directory: {run_dir}", err=True)
@@ -195,6 +230,7 @@ def compare(config: str, overrides: tuple[str, ...], address: str | None,
             methods: str) -> None:
     """Run CONFIG once per method (same seed, same data) concurrently and compare them."""
     base = _load(config, overrides)
+    _preflight(base)
     runs = []
     for method in [m.strip() for m in methods.split(",") if m.strip()]:
         algorithm, handout = _method_keys(method)

@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
 
 
+def _byo_kind(dataset: str) -> str:
+    from ray_lips.data.byo import kind
+
+    return kind(dataset)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,10 +52,17 @@ class SyntheticConfig(_Strict):
         return value
 
 
+class SourceRecord(_Strict):
+    """What a file or folder dataset was: written by the validator, checked on every load."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class DataConfig(_Strict):
-    dataset: Literal["cifar10", "cifar100", "tinyimagenet", "digits", "mnist1d", "synthetic"] = (
-        "digits"
-    )
+    # a built-in name (DATASETS), an import path "package.module:function", or the path of a
+    # .npz file or an image folder (see ray_lips/data/byo.py); validated by ExperimentConfig
+    dataset: str = "digits"
     root: str = "~/.cache/ray-lips"
     partition: Literal["dirichlet", "pathological", "iid", "uniform"] = "dirichlet"
     alpha: float = Field(0.1, gt=0)
@@ -57,8 +70,10 @@ class DataConfig(_Strict):
     train_per_client: int = Field(50, ge=1)
     test_per_client: int = Field(20, ge=1)
     classes_per_client: int = Field(2, ge=1)
-    augment: bool | Literal["auto"] = "auto"
+    augment: bool | Literal["auto", "reference"] = "auto"
     synthetic: SyntheticConfig = SyntheticConfig()
+    image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
+    source: SourceRecord | None = None  # filled in by validation for a file or folder dataset
 
 
 class TrainConfig(_Strict):
@@ -110,7 +125,13 @@ class ResourcesConfig(_Strict):
     cpus_per_pool: float = Field(1, gt=0)
     gpus_per_pool: float = Field(0, ge=0)
     driver_cpus: float = Field(0, ge=0)
-    timeout_s: float = Field(3600, gt=0)
+    timeout_s: float = Field(3600, gt=0)  # the longest any one step may take
+    # A pool whose call takes hang_factor x the slowest earlier call of the same kind (at least
+    # hang_min_s) counts as hung; ray-lips run/compare then restart the run's pools from the last
+    # checkpoint, at most pool_restarts times (a pool that dies is restarted the same way).
+    hang_factor: float = Field(5, gt=1)
+    hang_min_s: float = Field(120, gt=0)
+    pool_restarts: int = Field(2, ge=0)
     client_state_mb: float = Field(4096, gt=0)  # per pool; beyond it client state spills to disk
     spill_dir: str | None = None  # where spilled client state goes (default: the system temp)
 
@@ -123,10 +144,7 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
-    model: Literal[
-        "resnet4", "resnet6", "resnet8", "resnet10", "resnet18", "vgg11_bn", "smallcnn",
-        "resnet8_1d", "resnet10_1d", "vgg11_bn_1d",
-    ] = "smallcnn"
+    model: str = "smallcnn"  # a name of MODELS, or an import path "package.module:builder"
     train: TrainConfig = TrainConfig()
     algorithm: Literal["fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"] = "fedavg"
     handout: Literal["dense", "lips"] = "dense"
@@ -153,6 +171,38 @@ class ExperimentConfig(_Strict):
             return {**tree, "algorithm": "fedavg", "handout": "lips"}
         return tree
 
+    @model_validator(mode="before")
+    @classmethod
+    def _users_data_and_model(cls, tree: Any) -> Any:
+        """Resolve a dataset or model of the user's before anything else is checked: import
+        paths must import, a file or folder dataset is recorded by absolute path and sha256
+        (``data.source``)."""
+        if not isinstance(tree, dict):
+            return tree
+        tree = dict(tree)
+        data = tree.get("data")
+        if isinstance(data, DataConfig):
+            data = data.model_dump()
+        if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+            given = data.get("source")
+            data = {**data, "source": None}
+            if data["dataset"] not in DATASETS:
+                from ray_lips.data import byo
+
+                data["dataset"] = byo.resolve(data["dataset"])
+                data["source"] = byo.source_record(data["dataset"], given)
+            tree["data"] = data
+        model = tree.get("model")
+        if isinstance(model, str) and model not in MODELS:
+            from ray_lips.data.userimport import import_object, is_import_path
+
+            if not is_import_path(model):
+                raise ConfigError(f"model: unknown model {model!r}; choose one of "
+                                  f"{', '.join(MODELS)}, or give an import path "
+                                  "package.module:builder")
+            import_object(model, "model")
+        return tree
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
@@ -163,19 +213,42 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        self._data_checks()
+        from ray_lips.algorithms import ALGORITHMS
+
+        if self.handout == "lips" and not ALGORITHMS[self.algorithm].sparse_handout:
+            raise ValueError(
+                f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
+                "sparsifies a global model each client is handed; use fedavg, fedprox or "
+                "scaffold, or handout: dense)")
+        if self.resources.pools > self.data.clients:
+            raise ValueError(
+                f"resources.pools: {self.resources.pools} pools for {self.data.clients} "
+                "clients; a pool must host at least one client"
+            )
+        return self
+
+    def _data_checks(self) -> None:
+        """What the dataset's sizes decide (skipped for a function's data, which is checked
+        when the run loads it)."""
         from ray_lips.data.datasets import dataset_info
 
-        info = dataset_info(self.data)
+        d = self.data
+        if d.image_size is not None and _byo_kind(d.dataset) != "images":
+            raise ValueError("data.image_size: applies to image-folder datasets only; "
+                             f"{d.dataset!r} is not one")
+        info = dataset_info(d)
+        if info is None:
+            return
         dims = len(info.sample_shape) - 1
         wants_1d = self.model.endswith("_1d")
-        if self.model != "smallcnn" and wants_1d != (dims == 1):
-            kind = "1-D (channels, length)" if dims == 1 else "2-D images"
+        if self.model in MODELS and self.model != "smallcnn" and wants_1d != (dims == 1):
+            kind_ = "1-D (channels, length)" if dims == 1 else "2-D images"
             hint = "a *_1d model" if dims == 1 else "a model without the _1d suffix"
             raise ValueError(
-                f"model: {self.model!r} does not fit dataset {self.data.dataset!r}, whose samples "
-                f"are {kind}; use {hint} or smallcnn"
+                f"model: {self.model!r} does not fit dataset {d.dataset!r}, whose samples "
+                f"are {kind_}; use {hint} or smallcnn"
             )
-        d = self.data
         if d.partition == "uniform" and d.clients * d.train_per_client > info.train_size:
             raise ValueError(
                 f"data.train_per_client: uniform partition needs clients x train_per_client = "
@@ -192,19 +265,6 @@ class ExperimentConfig(_Strict):
                 f"data.test_per_client: {d.test_per_client} exceeds the {info.test_size} test "
                 f"samples of {d.dataset}"
             )
-        from ray_lips.algorithms import ALGORITHMS
-
-        if self.handout == "lips" and not ALGORITHMS[self.algorithm].sparse_handout:
-            raise ValueError(
-                f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
-                "sparsifies a global model each client is handed; use fedavg, fedprox or "
-                "scaffold, or handout: dense)")
-        if self.resources.pools > d.clients:
-            raise ValueError(
-                f"resources.pools: {self.resources.pools} pools for {d.clients} clients; "
-                "a pool must host at least one client"
-            )
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

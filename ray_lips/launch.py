@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray_lips.config import ExperimentConfig
 from ray_lips.engine.aggregate import DivergenceError
 from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.ray_pools import RayPoolFactory
+from ray_lips.engine.ray_pools import PoolLostError, RayPoolFactory
 from ray_lips.results import RunWriter
 
 
@@ -69,46 +69,118 @@ def _failure_status(err: BaseException) -> str:
     return "failed"
 
 
+def _restartable(err: BaseException) -> bool:
+    """A pool (or the driver actor) died or hung: the run can go on from its checkpoint."""
+    return isinstance(err, PoolLostError | ray.exceptions.RayActorError)
+
+
+def _stop(driver: Any, wait_s: float = 10.0) -> None:
+    """Kill a driver actor (its pools die with it) and wait until it can write no more."""
+    ray.kill(driver, no_restart=True)
+    try:
+        ray.get(driver.summary.remote(), timeout=wait_s)
+    except Exception:  # noqa: BLE001 - expected: the actor is gone
+        pass
+
+
+class _Runs:
+    """The driver actors of several runs, each restarted from its last checkpoint when one of
+    its pools dies or hangs (at most ``resources.pool_restarts`` times)."""
+
+    def __init__(self, runs: list[tuple[str, ExperimentConfig, Path]], stream=sys.stderr):
+        self.cfgs = {label: cfg for label, cfg, _ in runs}
+        self.dirs = {label: run_dir for label, _, run_dir in runs}
+        self.drivers = {label: start_driver(cfg, run_dir) for label, cfg, run_dir in runs}
+        self.restarts = dict.fromkeys(self.cfgs, 0)
+        self.timeout = max(cfg.resources.timeout_s for cfg in self.cfgs.values())
+        self.stream = stream
+
+    def call(self, labels: list[str], method: str) -> dict[str, Any]:
+        """``method`` on the given runs' drivers at once; a run whose driver had to restart is
+        missing from the answer (it goes on from its checkpoint)."""
+        refs = {lbl: getattr(self.drivers[lbl], method).remote() for lbl in labels}
+        answers = {}
+        for lbl, ref in refs.items():
+            try:
+                answers[lbl] = ray.get(ref, timeout=self.timeout)
+            except Exception as err:
+                cause = getattr(err, "cause", None) or err
+                limit = self.cfgs[lbl].resources.pool_restarts
+                if not _restartable(cause) or self.restarts[lbl] >= limit:
+                    raise
+                self.restarts[lbl] += 1
+                self.restart(lbl, f"{type(cause).__name__}: {cause}", limit)
+        return answers
+
+    def restart(self, label: str, reason: str, limit: int) -> None:
+        _stop(self.drivers[label])
+        print(f"[{label}] {reason}", file=self.stream, flush=True)
+        print(f"[{label}] restarting its pools from the last checkpoint (restart "
+              f"{self.restarts[label]} of resources.pool_restarts {limit})",
+              file=self.stream, flush=True)
+        self.drivers[label] = start_driver(self.cfgs[label], self.dirs[label])
+
+    def rounds_done(self, labels: list[str]) -> dict[str, int]:
+        summaries = ray.get([self.drivers[lbl].summary.remote() for lbl in labels],
+                            timeout=self.timeout)
+        return {lbl: s["rounds_done"] for lbl, s in zip(labels, summaries, strict=True)}
+
+    def stop_all(self, interrupted: bool) -> None:
+        """After success or a failure the drivers close their pools; after an interruption
+        there is no waiting for the round in flight: they are killed."""
+        for driver in self.drivers.values():
+            if not interrupted:
+                try:
+                    ray.get(driver.close.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - best effort: the actor may already be gone
+                    pass
+            _stop(driver, wait_s=10.0 if interrupted else 1.0)
+
+
 def run_on_ray(runs: list[tuple[str, ExperimentConfig, Path]],
                on_round: Callable[[str, dict], None] | None = None) -> dict[str, dict[str, Any]]:
     """Advance several runs in lockstep, each with its own driver actor; return their summaries.
 
     On any failure every run's status file records why, and the runs can be resumed.
     """
-    drivers = {label: start_driver(cfg, run_dir) for label, cfg, run_dir in runs}
-    cfgs = {label: cfg for label, cfg, _ in runs}
     writers = {label: RunWriter(run_dir) for label, _, run_dir in runs}
-    timeout = max(cfg.resources.timeout_s for cfg in cfgs.values())
-    summaries: dict[str, dict[str, Any]] = {}
+    fleet: _Runs | None = None
+    interrupted = False
     try:
-        status = ray.get([d.summary.remote() for d in drivers.values()], timeout=timeout)
-        done = {lbl: s["rounds_done"] for lbl, s in zip(drivers, status, strict=True)}
-        progress = {lbl: Progress(lbl, cfg.train.rounds, already_done=done[lbl])
-                    for lbl, cfg in cfgs.items()}
+        fleet = _Runs(runs)
+        labels = list(fleet.cfgs)
+        rounds = {lbl: fleet.cfgs[lbl].train.rounds for lbl in labels}
+        done = fleet.rounds_done(labels)
+        progress = {lbl: Progress(lbl, rounds[lbl], already_done=done[lbl]) for lbl in labels}
         started = time.perf_counter()
-        active = [lbl for lbl in drivers if done[lbl] < cfgs[lbl].train.rounds]
-        while active:
-            rows = ray.get([drivers[lbl].run_round.remote() for lbl in active], timeout=timeout)
-            for lbl, row in zip(active, rows, strict=True):
-                done[lbl] += 1
-                progress[lbl].update(row, time.perf_counter() - started, done[lbl])
-                if on_round:
-                    on_round(lbl, row)
-            active = [lbl for lbl in active if done[lbl] < cfgs[lbl].train.rounds]
-        finals = ray.get([d.finish.remote() for d in drivers.values()], timeout=timeout)
-        summaries = dict(zip(drivers, finals, strict=True))
+        summaries: dict[str, dict[str, Any]] = {}
+        while len(summaries) < len(labels):
+            active = [lbl for lbl in labels if done[lbl] < rounds[lbl]]
+            if not active:  # a run restarted during "finish" resumes at its end, finishes again
+                waiting = [lbl for lbl in labels if lbl not in summaries]
+                summaries.update(fleet.call(waiting, "finish"))
+            else:
+                rows = fleet.call(active, "run_round")
+                for lbl in active:
+                    if lbl not in rows:  # restarted: it goes on from its checkpoint
+                        done.update(fleet.rounds_done([lbl]))
+                        continue
+                    done[lbl] += 1
+                    progress[lbl].update(rows[lbl], time.perf_counter() - started, done[lbl])
+                    if on_round:
+                        on_round(lbl, rows[lbl])
+        return {lbl: summaries[lbl] for lbl in labels}
     except BaseException as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
         cause = getattr(err, "cause", None) or err
+        if fleet is not None:
+            fleet.stop_all(interrupted)
+            fleet = None
         for writer in writers.values():
             if writer.read_status().get("status") != "finished":
                 writer.write_status(_failure_status(cause), error=f"{type(cause).__name__}: "
                                     f"{cause}")
         raise
     finally:
-        for driver in drivers.values():
-            try:
-                ray.get(driver.close.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 - best effort: the actor may already be gone
-                pass
-            ray.kill(driver)
-    return summaries
+        if fleet is not None:
+            fleet.stop_all(interrupted)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
@@ -16,18 +22,53 @@ class ClusterError(RuntimeError):
 def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     """Join ``address`` (or $RAY_ADDRESS); otherwise start a private local Ray.
 
-    A bare ``ray.init()`` would join whatever cluster /tmp/ray/ray_current_cluster names, even a
+    A bare ``ray.init()`` would join whatever /tmp/ray/ray_current_cluster names, even a
     dead one, so the local case always asks for ``address="local"``. Token authentication, when
     the cluster uses it, is picked up by Ray from $RAY_AUTH_TOKEN or ~/.ray/auth_token.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return "existing"
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return address
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    with _workers_ignore_working_dir():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            return address
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **PRIVATE_RAY_OPTIONS)
     return "local"
+
+
+# A private local Ray starts what a run needs and nothing that serves data: no dashboard, and
+# no metrics agent exporting Prometheus data on 0.0.0.0 without a token.
+PRIVATE_RAY_OPTIONS: dict = {
+    "include_dashboard": False,
+    "_system_config": {"enable_metrics_collection": False},
+}
+
+
+@contextmanager
+def _workers_ignore_working_dir() -> Iterator[None]:
+    """Start or join Ray from an empty private folder.
+
+    ``ray.init`` puts the caller's working directory first on every worker's ``sys.path``, so a
+    ``sklearn/`` or ``torch/`` folder where the user happens to stand would be imported inside
+    the driver actor and the pools. Only modules the user names on ``PYTHONPATH`` (made
+    absolute here, as the local Ray's workers start in that empty folder) reach the workers.
+    """
+    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
+    if entries:
+        os.environ["PYTHONPATH"] = os.pathsep.join(str(Path(e).resolve()) for e in entries)
+    previous = os.getcwd()
+    os.chdir(_empty_folder())
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _empty_folder() -> str:
+    folder = tempfile.mkdtemp(prefix="ray-lips-cwd-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def check_resources(cfg: ExperimentConfig, concurrent_runs: int = 1) -> None:

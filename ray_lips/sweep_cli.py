@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import click
@@ -18,6 +19,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
+
+
+def resume_command(spec_file: str, overrides: tuple[str, ...]) -> str:
+    """The command that continues this sweep, quoted for a POSIX shell."""
+    return shlex.join(["ray-lips", "sweep", spec_file, "--resume",
+                       *(part for o in overrides for part in ("--set", o))])
 
 
 def _inside_ray_job() -> bool:
@@ -90,21 +97,24 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
         expected_trials,
         format_table,
         run_sweep,
+        saved_spec,
         trial_table,
     )
 
     expected = expected_trials(spec, resume)
     results = run_sweep(spec, resume=resume)
-    table = trial_table(results)
+    saved = saved_spec(spec.experiment_dir) if resume else None
+    grid = (saved or {}).get("trials", spec.trials)
+    table = trial_table(results, grid if not spec.random and spec.num_samples == 1 else None)
     click.echo("")
     click.echo(format_table(table))
     click.echo(f"storage: {spec.experiment_dir}")
-    unfinished = table["status"].isin(["running", "pending"]).sum() + max(
+    unfinished = table["status"].isin(["interrupted", "running", "pending"]).sum() + max(
         0, expected - len(table))
     failed = table["status"].isin(["failed", "error"]).sum()
     if unfinished:
-        _fail(f"{unfinished} trial(s) did not finish; continue with: ray-lips sweep {spec_file} "
-              f"--resume" + "".join(f" --set {o}" for o in overrides), 130)
+        _fail(f"{unfinished} trial(s) did not finish; continue with: "
+              f"{resume_command(spec_file, overrides)}", 130)
     if failed:
         _fail(f"{failed} trial(s) failed; see error.txt in their directories "
               f"(--resume retries them from their last checkpoints)", 1)

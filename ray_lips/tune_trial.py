@@ -309,12 +309,13 @@ def _run_status(path: Path | None) -> dict[str, Any]:
     return RunWriter(path).read_status()
 
 
-def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
+def trial_table(results: tune.ResultGrid,
+                grid: Sequence[dict[str, Any]] | None = None) -> pd.DataFrame:
     """One row per trial: id, overrides, run status, windowed accuracies, rounds done.
 
     The status and numbers come from the run directory when it has them (``finished``,
-    ``diverged``, ``failed``, ``stopped`` by the scheduler, ``running`` = not finished), else from
-    Tune's last result.
+    ``diverged``, ``failed``, ``stopped`` by the scheduler, ``interrupted`` = started, not
+    finished), else from Tune's last result.
     """
     rows = []
     for result in results:
@@ -324,11 +325,17 @@ def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
         state = status.get("status") or ("error" if result.error else "pending")
         if result.error is not None and state == "running":
             state = "error"
+        elif state == "running":  # the sweep has returned: this trial was stopped mid-run
+            state = "interrupted"
         numbers = {**metrics, **status.get("summary", {})}
         trial_id = metrics.get("trial_id") or ("_".join(path.name.split("_")[:2]) if path else "?")
+        if result.config:
+            overrides = describe(trial_overrides(result.config))
+        else:  # not started: Tune keeps no config; the grid's order gives it
+            overrides = _grid_point(trial_id, grid)
         rows.append({
             "trial": trial_id,
-            "overrides": describe(trial_overrides(result.config or {})),
+            "overrides": overrides,
             "status": state,
             "acc_global_window": numbers.get("acc_global_window", math.nan),
             "acc_after_window": numbers.get("acc_after_window", math.nan),
@@ -336,6 +343,14 @@ def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
         })
     columns = ["trial", "overrides", "status", "acc_global_window", "acc_after_window", "rounds"]
     return pd.DataFrame(rows, columns=columns).sort_values("trial").reset_index(drop=True)
+
+
+def _grid_point(trial_id: str, grid: Sequence[dict[str, Any]] | None) -> str:
+    """The overrides of grid trial ``<experiment>_<index>`` (trial ids count the grid)."""
+    _, _, index = trial_id.partition("_")
+    if grid is None or not index.isdigit() or int(index) >= len(grid):
+        return "(not started)"
+    return describe(grid[int(index)])
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -300,6 +301,8 @@ def _pool_pair(tiny_config, **train):
 
     dataset = load_dataset(cfg.data)
     payload = build_payloads(cfg, dataset, [list(range(cfg.data.clients))])[0]
+    # the shards materialised, so that _in_float64 can replace them
+    payload = replace(payload, data=PackedShards.from_shards(payload.shards), dataset=None)
     model = initial_model(cfg, tuple(dataset.sample_shape), dataset.num_classes).double()
     state = model.state_dict()
     pools = []

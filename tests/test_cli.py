@@ -145,3 +145,34 @@ def test_a_diverging_local_run_ends_with_one_message_that_says_what_to_change(tm
     assert "--resume" not in result.stderr and "Traceback" not in result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert yaml.safe_load((run_dir / "status.json").read_text())["status"] == "diverged"
+
+
+def test_an_output_below_a_regular_file_stops_before_ray(tmp_path, tiny_config):
+    path = _config(tmp_path, tiny_config)
+    (tmp_path / "afile").write_text("not a folder")
+    result = _cli("run", str(path), "--set", f"output={tmp_path / 'afile' / 'runs'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: output:")
+    assert "is a file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cifar_without_its_files_or_a_network_stops_before_ray_naming_the_root(tmp_path,
+                                                                               tiny_config):
+    tiny_config["data"]["dataset"] = "cifar10"
+    tiny_config["data"]["root"] = str(tmp_path / "empty")
+    path = _config(tmp_path, tiny_config)
+    env = {**ENV, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([*CLI, "run", str(path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.root:") and "cifar-10-python.tar.gz" in last
+    assert "Traceback" not in result.stderr and "Started a local Ray" not in result.stderr
+
+
+def test_more_samples_than_the_dataset_has_is_a_warning_before_ray(tmp_path, tiny_config):
+    path = _config(tmp_path, tiny_config, rounds=1)
+    result = _cli("run", str(path), "--local", "--set", "data.train_per_client=400")
+    assert result.returncode == 0, result.stderr
+    assert "warning: data: 6 clients x data.train_per_client 400 = 2400" in result.stderr

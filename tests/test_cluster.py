@@ -222,9 +222,9 @@ def _submit(head: Head, storage: Path, *sets: str, timeout: float = 240):
 
 
 def _client_pools(head: Head) -> list[dict]:
-    """Every ClientPool actor the cluster has seen (dead ones included), with its node."""
+    """Every ClientPoolActor the cluster has seen (dead ones included), with its node."""
     listed = _ray_cli("list", "actors", "--address", head.gcs, "--format", "json", "--detail",
-                      "--limit", "10000", "--filter", "class_name=ClientPool")
+                      "--limit", "10000", "--filter", "class_name=ClientPoolActor")
     assert listed.returncode == 0, listed.stderr
     return json.loads(listed.stdout)
 

@@ -121,3 +121,19 @@ def test_cli_as_a_user_runs_it(sweep, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out / "report.md")
     assert "## Final accuracy" in (out / "report.md").read_text()
+
+
+def test_a_finished_run_with_a_truncated_table_is_listed_not_dropped(sweep, tmp_path):
+    import shutil
+
+    runs = sorted(p.parent for p in sweep.glob("*/status.json")
+                  if '"finished"' in (p.parent / "status.json").read_text())[:2]
+    for run in runs:
+        shutil.copytree(run, tmp_path / "runs" / run.name)
+    damaged = tmp_path / "runs" / runs[0].name / "rounds.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    text = build_report(tmp_path / "runs", out=tmp_path / "report").read_text()
+    assert "2 runs (1 damaged, 1 finished)" in text
+    line = next(r for r in _section(text, "Runs not finished").splitlines()
+                if r.startswith(f"| {runs[0].name} |"))
+    assert "| damaged |" in line and "unreadable rounds.parquet" in line

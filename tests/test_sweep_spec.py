@@ -245,3 +245,23 @@ def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
         assert cfg.model == "vgg11_bn" and cfg.lips.sparsity == 0.5
         summary = run_local(cfg, tmp_path / f"t{k}")
         assert summary["rounds_done"] == 2 and summary["acc_after_last"] >= 0
+
+
+def test_the_printed_resume_command_survives_the_shell():
+    import shlex
+
+    from ray_lips.sweep_cli import resume_command
+
+    overrides = ("sweep.grid={seed: [0, 1]}", "name=my run")
+    command = resume_command("specs/my sweep.yaml", overrides)
+    assert shlex.split(command) == ["ray-lips", "sweep", "specs/my sweep.yaml", "--resume",
+                                    "--set", overrides[0], "--set", overrides[1]]
+
+
+def test_a_trial_not_started_is_named_by_its_grid_point_not_as_the_base():
+    from ray_lips.tune_trial import _grid_point
+
+    grid = [{"algorithm": "fedavg", "seed": 0}, {"algorithm": "scaffold", "seed": 2}]
+    assert _grid_point("2c0c9_00001", grid) == "algorithm=scaffold seed=2"
+    assert _grid_point("2c0c9_00007", grid) == "(not started)"
+    assert _grid_point("2c0c9_00001", None) == "(not started)"

@@ -224,7 +224,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     # interrupted (as by Ctrl+C) when the short trial has ended and the long one is mid-way
     first = run_sweep(load_spec(path), callbacks=[_InterruptMidway(tmp_path / "interrupted")])
     table = trial_table(first)
-    assert list(table["status"]) == ["finished", "running"], table
+    assert list(table["status"]) == ["finished", "interrupted"], table
     short, long = _trial_dirs(tmp_path / "tiny")
     before = ((short / "clients.parquet").stat().st_mtime_ns, _reports(short))
     cut = _reports(long)[-1]

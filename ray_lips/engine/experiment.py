@@ -19,17 +19,16 @@ import torch
 
 from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout
 from ray_lips.config import ExperimentConfig, validate_config
-from ray_lips.data import load_dataset, partition_clients
+from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
 from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_sums, to_state
 from ray_lips.engine.messages import HandoutRequest, TrainRequest
-from ray_lips.engine.payload import PackedShards, PoolPayload
+from ray_lips.engine.payload import ClientRows, DatasetArrays, PoolPayload
 from ray_lips.engine.pools import ClientState, PoolFactory, local_pools
 from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
 from ray_lips.results import RunWriter
 from ray_lips.seeding import derive_seed, numpy_rng
-from ray_lips.training import Normalisation
 
 
 def assign_clients(clients: int, pools: int) -> list[list[int]]:
@@ -46,38 +45,36 @@ def sample_participants(cfg: ExperimentConfig, round_idx: int) -> list[int]:
     return sorted(rng.choice(clients, size=count, replace=False).tolist())
 
 
-def _gather(x: torch.Tensor, y: torch.Tensor,
-            index: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of several clients, one after another, in one indexing operation."""
-    rows = torch.from_numpy(np.concatenate(index)) if index else torch.zeros(0, dtype=torch.long)
-    return x[rows], y[rows]
-
-
 def build_payloads(cfg: ExperimentConfig, dataset: ArrayDataset,
                    assignment: list[list[int]]) -> list[PoolPayload]:
+    """Each pool's clients as row numbers of the dataset, which every payload references
+    (``RayPools`` ships it once, apart from the payloads)."""
     d = cfg.data
     splits = partition_clients(
         dataset.y_train.numpy(), dataset.y_test.numpy(), dataset.num_classes, scheme=d.partition,
         clients=d.clients, train_per_client=d.train_per_client, test_per_client=d.test_per_client,
         alpha=d.alpha, classes_per_client=d.classes_per_client, seed=cfg.seed)
-    augment = dataset.augment if d.augment == "auto" else bool(d.augment)
-    norm = Normalisation(mean=tuple(dataset.mean), std=tuple(dataset.std), augment=augment)
+    norm = input_pipeline(d, dataset)
     test_split = None
     if cfg.train.eval_test_samples > 0:
         order = numpy_rng(cfg.seed, "init", 1).permutation(len(dataset.y_test))
         keep = torch.from_numpy(order[: cfg.train.eval_test_samples])
         test_split = (dataset.x_test[keep], dataset.y_test[keep])
+    arrays = DatasetArrays.of(dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
     payloads = []
     for pool_id, block in enumerate(assignment):
         train = [splits[c].train_idx for c in block]
         test = [splits[c].test_idx for c in block]
-        x_train, y_train = _gather(dataset.x_train, dataset.y_train, train)
-        x_test, y_test = _gather(dataset.x_test, dataset.y_test, test)
-        data = PackedShards(list(block), x_train, y_train, x_test, y_test,
-                            [len(i) for i in train], [len(i) for i in test])
-        payloads.append(PoolPayload(pool_id, data, norm, tuple(dataset.sample_shape),
-                                    dataset.num_classes, test_split if pool_id == 0 else None))
+        rows = ClientRows(list(block), _concat(train), _concat(test),
+                          [len(i) for i in train], [len(i) for i in test])
+        payloads.append(PoolPayload(pool_id, rows, norm, tuple(dataset.sample_shape),
+                                    dataset.num_classes, test_split if pool_id == 0 else None,
+                                    arrays))
     return payloads
+
+
+def _concat(index: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(index).astype(np.int64) if index else np.zeros(0, dtype=np.int64)
 
 
 def initial_model(cfg: ExperimentConfig, sample_shape: tuple[int, ...], num_classes: int):
@@ -108,7 +105,8 @@ class FederatedRun:
         dataset = load_dataset(cfg.data)
         self.assignment = assign_clients(cfg.data.clients, cfg.resources.pools)
         payloads = build_payloads(cfg, dataset, self.assignment)
-        self.samples = {s.client: int(s.x_train.shape[0]) for p in payloads for s in p.shards}
+        self.samples = {client: size for p in payloads
+                        for client, size in zip(p.data.clients, p.data.train_sizes, strict=True)}
         model = initial_model(cfg, tuple(dataset.sample_shape), dataset.num_classes)
         self.groups = layer_groups(model)
         self.algorithm = build_algorithm(cfg, model)
@@ -278,8 +276,8 @@ def run_local(config: ExperimentConfig | dict[str, Any], run_dir: str | Path) ->
             run.run_round()
         return run.finish()
     except BaseException as err:
-        status = {DivergenceError: "diverged", KeyboardInterrupt: "interrupted"}.get(
-            type(err), "failed")
+        status = ("diverged" if isinstance(err, DivergenceError) else
+                  "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
         run.writer.write_status(status, error=f"{type(err).__name__}: {err}")
         raise
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from ray_lips.config import ExperimentConfig
 from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.engine.client_state import ClientStore
 from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
-from ray_lips.engine.payload import PoolPayload
+from ray_lips.engine.payload import DatasetArrays, PoolPayload
 from ray_lips.engine.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
 from ray_lips.memory import current_rss_mb, peak_rss_mb
 from ray_lips.models import build_model, eligible_parameter_names
@@ -88,16 +89,22 @@ def wants_batched(cfg: ExperimentConfig, model: torch.nn.Module) -> bool:
 class ClientPool:
     """The clients of one pool, and the algorithm's client side for them."""
 
-    def __init__(self, cfg: ExperimentConfig, payload: PoolPayload, threads: int | None = None):
+    def __init__(self, cfg: ExperimentConfig, payload: PoolPayload, threads: int | None = None,
+                 dataset: DatasetArrays | None = None):
         if threads:
             torch.set_num_threads(threads)
         keep_buffers_in_heap()
+        if dataset is not None:  # shipped apart from the payload, once for every pool
+            payload = replace(payload, dataset=dataset)
         self.cfg = cfg
         self.device = pick_device(cfg.resources.gpus_per_pool)
         self.pool_id = payload.pool_id
         self.norm = payload.norm
         self.num_classes = payload.num_classes
-        self.shards = {s.client: s.to(self.device) for s in payload.shards}
+        self.shards = payload.client_shards(self.device)
+        self.sizes = dict(zip(payload.data.clients,
+                              zip(payload.data.train_sizes, payload.data.test_sizes,
+                                  strict=True), strict=True))  # client: (train, test) samples
         self.test_split = (tuple(t.to(self.device) for t in payload.test_split)
                            if payload.test_split is not None else None)
         self.model = build_model(cfg.model, payload.sample_shape, payload.num_classes)
@@ -126,11 +133,11 @@ class ClientPool:
         return self.handout_step.handed(self.global_state, client, self.store)
 
     def samples(self, client: int) -> int:
-        return int(self.shards[client].x_train.shape[0])
+        return int(self.sizes[client][0])
 
     # ----- the driver's calls ---------------------------------------------------------------
     def clients(self) -> list[int]:
-        return sorted(self.shards)
+        return sorted(self.sizes)
 
     def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
         """Hold ``state`` as the global model, handed out with ``density`` after
@@ -145,9 +152,7 @@ class ClientPool:
             return [list(clients)] if clients else []
         buckets: dict[tuple[int, int], list[int]] = {}
         for client in clients:
-            shard = self.shards[client]
-            key = (int(shard.x_train.shape[0]), int(shard.x_test.shape[0]))
-            buckets.setdefault(key, []).append(client)
+            buckets.setdefault(self.sizes[client], []).append(client)
         size = self.group_size
         return [members[i:i + size] for members in buckets.values()
                 for i in range(0, len(members), size)]
@@ -241,7 +246,7 @@ class ClientPool:
         return self.store.export(skip=self.handout_step.unneeded_slots())
 
     def import_state(self, state: dict[str, dict[int, Tensors]]) -> None:
-        self.store.load(state, self.device, hosted=set(self.shards))
+        self.store.load(state, self.device, hosted=set(self.sizes))
 
     # ----- for benchmarks ---------------------------------------------------------------
     def peak_rss_mb(self) -> float:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -40,6 +44,41 @@ class PoolStartError(RuntimeError):
     """The cluster could not place the client pools in time."""
 
 
+class PoolLostError(RuntimeError):
+    """A client pool died or stopped answering; the run can go on from its last checkpoint."""
+
+
+class PoolHungError(PoolLostError):
+    """A client pool took far longer than the same call took before."""
+
+
+class ClientPoolActor(ClientPool):
+    """The pool as an actor: it can also say where it runs."""
+
+    def location(self) -> str:
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class CallDeadlines:
+    """How long each kind of pool call may take before its pool counts as hung.
+
+    ``factor`` times the slowest earlier call of the same kind, never less than ``min_s`` and
+    never more than ``timeout_s``; a kind not measured yet gets ``timeout_s``.
+    """
+
+    def __init__(self, factor: float, min_s: float, timeout_s: float):
+        self.factor, self.min_s, self.timeout_s = factor, min_s, timeout_s
+        self.slowest: dict[str, float] = {}
+
+    def limit(self, kind: str) -> float:
+        if kind not in self.slowest:
+            return self.timeout_s
+        return min(self.timeout_s, max(self.min_s, self.factor * self.slowest[kind]))
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.slowest[kind] = max(seconds, self.slowest.get(kind, 0.0))
+
+
 class RayPools:
     """One ``ClientPool`` actor per payload, each with its CPUs and GPU fraction."""
 
@@ -47,8 +86,14 @@ class RayPools:
                  resources: ResourcesConfig, placement_group: PlacementGroup | None = None,
                  first_bundle: int = 0):
         self.timeout_s = resources.timeout_s
-        actor_cls = ray.remote(ClientPool)
+        self.deadlines = CallDeadlines(resources.hang_factor, resources.hang_min_s,
+                                       resources.timeout_s)
+        actor_cls = ray.remote(ClientPoolActor)
         self.actors = []
+        # The dataset goes into the object store once; each pool maps it read-only (one copy
+        # per node) and gets only its clients' row numbers in its payload.
+        datasets = {id(p.dataset): p.dataset for p in payloads if p.dataset is not None}
+        shared = {key: ray.put(dataset) for key, dataset in datasets.items()}
         for index, payload in enumerate(payloads):
             options: dict[str, Any] = {"num_cpus": resources.cpus_per_pool,
                                        "num_gpus": resources.gpus_per_pool}
@@ -57,11 +102,13 @@ class RayPools:
                     placement_group=placement_group,
                     placement_group_bundle_index=first_bundle + index)
             threads = max(1, int(resources.cpus_per_pool))
-            self.actors.append(actor_cls.options(**options).remote(cfg, ray.put(payload),
-                                                                  threads=threads))
+            dataset = shared.get(id(payload.dataset)) if payload.dataset is not None else None
+            self.actors.append(actor_cls.options(**options).remote(
+                cfg, ray.put(replace(payload, dataset=None)), threads=threads, dataset=dataset))
         self.size = len(self.actors)
         try:
-            ray.get([a.clients.remote() for a in self.actors], timeout=self.timeout_s)
+            self.locations = ray.get([a.location.remote() for a in self.actors],
+                                     timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise PoolStartError(
@@ -69,36 +116,61 @@ class RayPools:
                 f"{resources.gpus_per_pool} GPU each) could not start within "
                 f"{self.timeout_s:.0f} s; the cluster offers {ray.available_resources()}") from None
 
-    def _get(self, refs: list[ray.ObjectRef]) -> list[Any]:
-        return ray.get(refs, timeout=self.timeout_s)
+    def _get(self, refs: list[ray.ObjectRef], kind: str) -> list[Any]:
+        """Every pool's reply, or a ``PoolLostError`` naming the first pool that died or did
+        not answer within its deadline (see ``CallDeadlines``)."""
+        limit = self.deadlines.limit(kind)
+        started = time.monotonic()
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
+        if pending:
+            index = refs.index(pending[0])
+            raise PoolHungError(
+                f"client pool {index} ({self.locations[index]}) did not finish {kind} within "
+                f"{limit:.0f} s (resources.hang_factor {self.deadlines.factor:g} x its slowest "
+                f"earlier {kind}, at least resources.hang_min_s {self.deadlines.min_s:g} s, at "
+                f"most resources.timeout_s {self.timeout_s:g} s)")
+        replies = []
+        for index, ref in enumerate(refs):
+            try:
+                replies.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                raise PoolLostError(f"client pool {index} ({self.locations[index]}) died during "
+                                    f"{kind}: {type(err).__name__}") from None
+        self.deadlines.record(kind, time.monotonic() - started)
+        return replies
 
     def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
         shared = _shared(state)
-        self._get([a.set_global.remote(round_idx, shared, density) for a in self.actors])
+        self._get([a.set_global.remote(round_idx, shared, density) for a in self.actors],
+                  "set_global")
 
     def train_round(self, requests: list[TrainRequest],
                     message: dict[str, Tensors]) -> list[TrainReply]:
         shared = _shared(message)
         return self._get([actor.train_round.remote(request, shared)
-                          for actor, request in zip(self.actors, requests, strict=True)])
+                          for actor, request in zip(self.actors, requests, strict=True)],
+                         "training")
 
     def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
         shared = _shared(state)
+        kind = "hand-out with evaluation" if any(r.eval_test or r.eval_clients
+                                                 for r in requests) else "hand-out"
         return self._get([actor.handout.remote(request, shared)
-                          for actor, request in zip(self.actors, requests, strict=True)])
+                          for actor, request in zip(self.actors, requests, strict=True)], kind)
 
     def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
-        return self._get([a.finetune.remote(round_idx, epochs) for a in self.actors])
+        return self._get([a.finetune.remote(round_idx, epochs) for a in self.actors],
+                         "fine-tuning")
 
     def export_state(self) -> list[ClientState]:
-        return self._get([a.export_state.remote() for a in self.actors])
+        return self._get([a.export_state.remote() for a in self.actors], "state export")
 
     def import_state(self, states: list[ClientState]) -> None:
         self._get([actor.import_state.remote(state)
-                   for actor, state in zip(self.actors, states, strict=True)])
+                   for actor, state in zip(self.actors, states, strict=True)], "state import")
 
     def stats(self) -> list[dict[str, float]]:
-        return self._get([a.stats.remote() for a in self.actors])
+        return self._get([a.stats.remote() for a in self.actors], "stats")
 
     def shutdown(self) -> None:
         for actor in self.actors:

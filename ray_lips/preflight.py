@@ -1,0 +1,95 @@
+"""Checks made on the user's machine before any Ray work: files a run will need, folders it will
+write, and data requests that will be met by reusing samples.
+
+Each failure is a ``ConfigError`` naming the key; each caveat is a one-line warning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray_lips.config import ConfigError, ExperimentConfig
+
+# What torchvision reads under data.root, and the archive it would download.
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR-10"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "CIFAR-100"),
+}
+
+
+def check_output(cfg: ExperimentConfig) -> None:
+    """``output`` must be a folder or creatable as one (not below a regular file)."""
+    path = Path(cfg.output).expanduser().resolve()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"output: {cfg.output} cannot hold run folders: {folder} is a "
+                                  "file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"output: {cfg.output} cannot hold run folders: {folder} is "
+                                  "not writable")
+            return
+
+
+def check_dataset_files(cfg: ExperimentConfig) -> None:
+    """The built-in datasets that live in files are there, or (CIFAR) can be downloaded now,
+    on this machine, instead of failing inside the driver after Ray has started."""
+    data = cfg.data
+    root = Path(data.root).expanduser()
+    if data.dataset in _CIFAR_FILES:
+        folder, archive, title = _CIFAR_FILES[data.dataset]
+        if (root / folder).is_dir():
+            return
+        try:
+            _download_cifar(data.dataset, root)
+        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
+            raise ConfigError(
+                f"data.root: {title} is not under {root} (no {folder}/ or {archive}) and "
+                f"downloading it failed ({type(err).__name__}: {str(err)[:120]}); put "
+                f"{archive} in that folder, or set data.root to where it is") from None
+    elif data.dataset == "tinyimagenet":
+        from ray_lips.data.datasets import TINY_FOLDER
+
+        if not (root / TINY_FOLDER / "wnids.txt").is_file():
+            raise ConfigError(
+                f"data.root: tinyimagenet expects the official dataset at {root / TINY_FOLDER} "
+                "(wnids.txt, train/, val/); it is not downloaded automatically: unzip "
+                f"tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) into "
+                f"{root}")
+
+
+def _download_cifar(dataset: str, root: Path) -> None:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    root.mkdir(parents=True, exist_ok=True)
+    cls(root=str(root), train=True, download=True)
+
+
+def sample_reuse_warning(cfg: ExperimentConfig) -> str | None:
+    """A note when the clients ask for more training samples than the dataset has: the
+    non-uniform partitions then give several clients the same samples."""
+    from ray_lips.data.datasets import dataset_info
+
+    data = cfg.data
+    if data.partition == "uniform":
+        return None  # refused by the config's own check
+    info = dataset_info(data)
+    if info is None:
+        return None
+    asked = data.clients * data.train_per_client
+    if asked <= info.train_size:
+        return None
+    return (f"data: {data.clients} clients x data.train_per_client {data.train_per_client} = "
+            f"{asked} training samples, but {data.dataset} has {info.train_size}: the "
+            f"{data.partition} partition gives clients overlapping samples (see the README's "
+            "partition table)")
+
+
+def check_before_ray(cfg: ExperimentConfig) -> list[str]:
+    """Every check that needs no Ray; returns warnings, raises ``ConfigError`` on failure."""
+    check_output(cfg)
+    check_dataset_files(cfg)
+    warning = sample_reuse_warning(cfg)
+    return [warning] if warning else []

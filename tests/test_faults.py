@@ -1,0 +1,177 @@
+"""Faults injected into a real ``ray-lips run`` on a private local Ray: a pool that hangs
+(SIGSTOP) or dies (SIGKILL), SIGTERM of the command, and a module planted in the working
+directory. Every signal goes to a process this test started (the CLI or one of its own Ray
+workers, found by walking /proc from the CLI's PID)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "ray_lips.cli"]
+ENV = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
+
+
+def _config(tmp_path: Path, tree: dict, **train) -> Path:
+    tree["output"] = str(tmp_path / "runs")
+    tree["train"].update(train)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pools_of(pid: int) -> list[int]:
+    pools = []
+    for child in _descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::ClientPoolActor"):
+            pools.append(child)
+    return sorted(pools)
+
+
+def _rounds_written(runs: Path) -> int:
+    for table in runs.glob("*/rounds.parquet"):
+        try:
+            return len(pd.read_parquet(table))
+        except Exception:  # noqa: BLE001 - being written right now
+            return 0
+    return 0
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _same_tables(a: Path, b: Path) -> None:
+    for name in TABLES:
+        left = pd.read_parquet(a / name).drop(columns="seconds", errors="ignore")
+        right = pd.read_parquet(b / name).drop(columns="seconds", errors="ignore")
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
+
+
+@pytest.mark.slow
+def test_a_hung_pool_then_a_killed_pool_are_restarted_and_the_numbers_do_not_change(
+        tmp_path, tiny_config):
+    tiny_config["resources"].update(hang_min_s=4, hang_factor=3, pool_restarts=2)
+    path = _config(tmp_path, tiny_config, rounds=12, checkpoint_every=2)
+    straight = subprocess.run([*CLI, "run", str(path), "--local", "--set",
+                               f"output={tmp_path / 'straight'}"],
+                              capture_output=True, text=True, env=ENV, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    straight_dir = Path(straight.stdout.strip().splitlines()[-1])
+
+    runs = tmp_path / "runs"
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE, stderr=log,
+                            text=True, env=ENV)
+    stopped: list[int] = []
+    try:
+        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
+        first_pools = _pools_of(proc.pid)
+        assert len(first_pools) == 2, first_pools
+        os.kill(first_pools[0], signal.SIGSTOP)
+        stopped.append(first_pools[0])
+        hung_at = time.time()
+        _wait_for(lambda: len([p for p in _pools_of(proc.pid) if p not in first_pools]) == 2,
+                  120, "two new pools after the hang")
+        detected_s = time.time() - hung_at
+        new_pools = [p for p in _pools_of(proc.pid) if p not in first_pools]
+        _wait_for(lambda: _rounds_written(runs) >= 6, 180, "rounds after the restart")
+        os.kill(new_pools[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        for pid in stopped:  # ours; normally gone with its driver already
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, stderr
+    assert "PoolHungError: client pool 0" in stderr and "resources.hang_factor" in stderr
+    assert "PoolLostError: client pool " in stderr and "died during" in stderr
+    assert "restart 2 of resources.pool_restarts 2" in stderr
+    assert detected_s < 60  # hang_min_s 4, a tiny round; generous for a loaded machine
+    run_dir = Path(out.strip().splitlines()[-1])
+    _same_tables(straight_dir, run_dir)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_as_an_interruption_that_resumes(tmp_path, tiny_config):
+    path = _config(tmp_path, tiny_config, rounds=40, checkpoint_every=2)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM; resume with: ray-lips run --resume" in stderr
+    assert "Traceback" not in stderr
+    assert took < 30
+    run_dir = next(runs.glob("*/status.json")).parent
+    time.sleep(2)  # nothing may overwrite the status after the command ended
+    status = yaml.safe_load((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted"
+
+    resumed = subprocess.run([*CLI, "run", "--resume", str(run_dir), "--local"],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 40
+
+
+def test_workers_do_not_import_modules_from_the_working_directory(tmp_path, tiny_config):
+    path = _config(tmp_path, tiny_config, rounds=1)
+    planted = tmp_path / "cwd" / "sklearn"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-module-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    result = subprocess.run([*CLI, "run", str(path)], capture_output=True, text=True,
+                            env=ENV, timeout=300, cwd=tmp_path / "cwd")
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()

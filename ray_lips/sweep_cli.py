@@ -96,6 +96,7 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
     from ray_lips.tune_trial import (  # noqa: PLC0415
         expected_trials,
         format_table,
+        mark_interrupted,
         run_sweep,
         saved_spec,
         trial_table,
@@ -103,6 +104,7 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
 
     expected = expected_trials(spec, resume)
     results = run_sweep(spec, resume=resume)
+    mark_interrupted(results)
     saved = saved_spec(spec.experiment_dir) if resume else None
     grid = (saved or {}).get("trials", spec.trials)
     table = trial_table(results, grid if not spec.random and spec.num_samples == 1 else None)

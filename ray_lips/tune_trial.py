@@ -303,6 +303,21 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[tune
 
 
 # ----- the table at the end -------------------------------------------------------------------
+def mark_interrupted(results: tune.ResultGrid) -> int:
+    """After the sweep has returned, a trial whose run still says ``running`` was stopped with
+    it (Ctrl+C, SIGTERM): say so in its status.json, so that reports and ``ray-lips report`` do
+    not show it as running. Returns how many were marked."""
+    marked = 0
+    for result in results:
+        path = Path(result.path) if result.path else None
+        if path is not None and _run_status(path).get("status") == "running":
+            RunWriter(path).write_status("interrupted", error="the sweep stopped before this "
+                                         "trial finished; ray-lips sweep SPEC --resume continues")
+            marked += 1
+    return marked
+
+
+
 def _run_status(path: Path | None) -> dict[str, Any]:
     if path is None or not (path / STATUS_FILE).exists():
         return {}

@@ -21,6 +21,7 @@ from ray_lips.sweep_cli import sweep
 from ray_lips.tune_trial import (
     adopt_checkpoint,
     make_scheduler,
+    mark_interrupted,
     pack_checkpoint,
     run_sweep,
     trial_table,
@@ -226,6 +227,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     table = trial_table(first)
     assert list(table["status"]) == ["finished", "interrupted"], table
     short, long = _trial_dirs(tmp_path / "tiny")
+    assert mark_interrupted(first) == 1  # as ray-lips sweep does before printing the table
+    assert json.loads((long / "status.json").read_text())["status"] == "interrupted"
+    assert json.loads((short / "status.json").read_text())["status"] == "finished"
     before = ((short / "clients.parquet").stat().st_mtime_ns, _reports(short))
     cut = _reports(long)[-1]
     assert 3 <= cut < 30

@@ -29,12 +29,13 @@ def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
         raise  # unreachable
 
 
-def _preflight(cfg: ExperimentConfig) -> None:
-    """The checks that need no Ray (files, folders, data sizes): exit 2 with one line."""
+def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
+    """The checks that need no Ray (files, folders, modules, data sizes): exit 2 with one
+    line."""
     from ray_lips.preflight import check_before_ray
 
     try:
-        for warning in check_before_ray(cfg):
+        for warning in check_before_ray(cfg, uses_ray):
             click.echo(f"warning: {warning}", err=True)
     except ConfigError as err:
         _fail(str(err))
@@ -135,12 +136,12 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             if status.get("summary"):
                 click.echo(_summary_table({_label(cfg): status["summary"]}))
             return
-        _preflight(cfg)
+        _preflight(cfg, uses_ray=not no_ray)
     else:
         if not config:
             _fail("give a CONFIG file or --resume RUN_DIR")
         cfg = _load(config, overrides)
-        _preflight(cfg)
+        _preflight(cfg, uses_ray=not no_ray)
         run_dir = new_run_dir(cfg)
         RunWriter(run_dir).write_config(cfg)
     click.echo(f"run directory: {run_dir}", err=True)

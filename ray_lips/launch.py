@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -77,10 +78,8 @@ def _restartable(err: BaseException) -> bool:
 def _stop(driver: Any, wait_s: float = 10.0) -> None:
     """Kill a driver actor (its pools die with it) and wait until it can write no more."""
     ray.kill(driver, no_restart=True)
-    try:
+    with contextlib.suppress(Exception):  # expected: the actor is gone
         ray.get(driver.summary.remote(), timeout=wait_s)
-    except Exception:  # noqa: BLE001 - expected: the actor is gone
-        pass
 
 
 class _Runs:
@@ -130,10 +129,8 @@ class _Runs:
         there is no waiting for the round in flight: they are killed."""
         for driver in self.drivers.values():
             if not interrupted:
-                try:
+                with contextlib.suppress(Exception):  # best effort: the actor may be gone
                     ray.get(driver.close.remote(), timeout=60)
-                except Exception:  # noqa: BLE001 - best effort: the actor may already be gone
-                    pass
             _stop(driver, wait_s=10.0 if interrupted else 1.0)
 
 

@@ -87,9 +87,23 @@ def sample_reuse_warning(cfg: ExperimentConfig) -> str | None:
             "partition table)")
 
 
-def check_before_ray(cfg: ExperimentConfig) -> list[str]:
+def check_user_modules(cfg: ExperimentConfig) -> None:
+    """A dataset or model named by an import path must be importable by Ray's workers, which
+    do not look in the folder the command runs in."""
+    from ray_lips.data.userimport import found_without_working_directory, is_import_path
+
+    for key, path in (("data.dataset", cfg.data.dataset), ("model", cfg.model)):
+        if is_import_path(path) and not found_without_working_directory(path):
+            raise ConfigError(
+                f"{key}: {path!r} imports only from the current folder, where Ray's workers do "
+                "not look; install it, or export PYTHONPATH=$PWD (or run with --local)")
+
+
+def check_before_ray(cfg: ExperimentConfig, uses_ray: bool = True) -> list[str]:
     """Every check that needs no Ray; returns warnings, raises ``ConfigError`` on failure."""
     check_output(cfg)
+    if uses_ray:
+        check_user_modules(cfg)
     check_dataset_files(cfg)
     warning = sample_reuse_warning(cfg)
     return [warning] if warning else []

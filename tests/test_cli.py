@@ -176,3 +176,23 @@ def test_more_samples_than_the_dataset_has_is_a_warning_before_ray(tmp_path, tin
     result = _cli("run", str(path), "--local", "--set", "data.train_per_client=400")
     assert result.returncode == 0, result.stderr
     assert "warning: data: 6 clients x data.train_per_client 400 = 2400" in result.stderr
+
+
+def test_a_model_importable_only_from_the_working_directory_stops_before_ray(tmp_path,
+                                                                             tiny_config):
+    (tmp_path / "cwdnets_q7").mkdir()
+    (tmp_path / "cwdnets_q7" / "__init__.py").write_text(
+        "from ray_lips.models import build_model\n\n"
+        "def build(shape, classes):\n    return build_model('smallcnn', shape, classes)\n")
+    tiny_config["model"] = "cwdnets_q7:build"
+    path = _config(tmp_path, tiny_config, rounds=1)
+    env = {**ENV, "PYTHONPATH": ""}
+    ray_run = subprocess.run([*CLI, "run", str(path)], capture_output=True, text=True,
+                             timeout=300, env=env, cwd=tmp_path)
+    assert ray_run.returncode == 2, ray_run.stderr
+    assert "error: model: 'cwdnets_q7:build' imports only from the current folder" in \
+        ray_run.stderr
+    assert "Started a local Ray" not in ray_run.stderr
+    local = subprocess.run([*CLI, "run", str(path), "--local"], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=tmp_path)
+    assert local.returncode == 0, local.stderr

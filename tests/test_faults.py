@@ -8,25 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from test_cli import CLI, ENV, _config
 
-CLI = [sys.executable, "-m", "ray_lips.cli"]
-ENV = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
 TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
-
-
-def _config(tmp_path: Path, tree: dict, **train) -> Path:
-    tree["output"] = str(tmp_path / "runs")
-    tree["train"].update(train)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def _descendants(pid: int) -> list[int]:

@@ -47,7 +47,6 @@ def test_a_payload_carries_row_numbers_and_its_pool_gathers_the_same_samples():
         assert np.array_equal(shard.x_train.numpy(), x_train[rows])
         assert np.array_equal(shard.y_train.numpy(), dataset.y_train.numpy()[rows])
         assert shard.x_train.shape == (20, 1, 12, 12) and shard.x_test.shape[0] == 10
-        assert shards.train_size(client) == 20
 
 
 def test_shards_gathered_from_read_only_shared_memory_are_ordinary_tensors():

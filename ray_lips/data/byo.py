@@ -253,13 +253,8 @@ def _read_npz(path: Path, where: str) -> tuple[dict[str, np.ndarray], Any]:
 
 
 def _pack(arrays: Any) -> ArrayDataset:
-    import torch
-
-    from ray_lips.data.datasets import ArrayDataset
+    from ray_lips.data.datasets import pack_dataset
 
     mean, std = channel_stats(arrays.x_train)
-    return ArrayDataset(
-        x_train=torch.from_numpy(arrays.x_train), y_train=torch.from_numpy(arrays.y_train),
-        x_test=torch.from_numpy(arrays.x_test), y_test=torch.from_numpy(arrays.y_test),
-        num_classes=arrays.num_classes, sample_shape=tuple(arrays.x_train.shape[1:]),
-        mean=mean, std=std, augment=False)
+    return pack_dataset(arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test,
+                        arrays.num_classes, mean=mean, std=std, augment=False)

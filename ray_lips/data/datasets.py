@@ -105,7 +105,7 @@ def load_dataset(data: DataConfig) -> ArrayDataset:
     return loaders[data.dataset](data)
 
 
-def _pack(
+def pack_dataset(
     x_train: np.ndarray,
     y_train: np.ndarray,
     x_test: np.ndarray,
@@ -152,7 +152,7 @@ def _load_cifar(data: DataConfig) -> ArrayDataset:
         ds = cls(root=root, train=train, download=True)
         x = np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8).transpose(0, 3, 1, 2))
         splits += [x, np.asarray(ds.targets, dtype=np.int64)]
-    return _pack(*splits, classes, mean=mean, std=std, augment=True)
+    return pack_dataset(*splits, classes, mean=mean, std=std, augment=True)
 
 
 def _load_tinyimagenet(data: DataConfig) -> ArrayDataset:
@@ -180,7 +180,7 @@ def _load_tinyimagenet(data: DataConfig) -> ArrayDataset:
         with open(tmp, "wb") as f:
             np.savez(f, wnids=np.asarray(wnids), **arrays)
         os.replace(tmp, cache)  # atomic: concurrent loaders never see a partial file
-    return _pack(
+    return pack_dataset(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], len(wnids),
         mean=_TINY_MEAN, std=_TINY_STD, augment=True,
     )
@@ -234,7 +234,7 @@ def _load_digits(data: DataConfig) -> ArrayDataset:
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=_DIGITS_SPLIT_SEED
     )
-    return _pack(x_tr, y_tr, x_te, y_te, 10)
+    return pack_dataset(x_tr, y_tr, x_te, y_te, 10)
 
 
 @functools.lru_cache(maxsize=1)
@@ -265,7 +265,7 @@ def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _load_mnist1d(data: DataConfig) -> ArrayDataset:
     x_tr, y_tr, x_te, y_te = (a.copy() for a in _mnist1d_arrays())
-    return _pack(x_tr, y_tr, x_te, y_te, 10)
+    return pack_dataset(x_tr, y_tr, x_te, y_te, 10)
 
 
 def _load_synthetic(data: DataConfig) -> ArrayDataset:
@@ -293,7 +293,7 @@ def _load_synthetic(data: DataConfig) -> ArrayDataset:
 
     x_tr, y_tr = draw(s.train_size)
     x_te, y_te = draw(s.test_size)
-    return _pack(x_tr, y_tr, x_te, y_te, s.classes)
+    return pack_dataset(x_tr, y_tr, x_te, y_te, s.classes)
 
 
 def _smooth(x: np.ndarray, axes: range, passes: int = 3) -> np.ndarray:

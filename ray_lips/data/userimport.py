@@ -65,4 +65,6 @@ def found_without_working_directory(path: str) -> bool:
         return True
     cwd = os.getcwd()
     search = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
+    search += [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+               if p]  # made absolute for the workers by ray_lips.runtime.connect
     return importlib.machinery.PathFinder.find_spec(top, search) is not None

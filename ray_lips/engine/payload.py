@@ -131,10 +131,6 @@ class GatheredShards(Mapping[int, ClientShard]):
     def __len__(self) -> int:
         return len(self._spans)
 
-    def train_size(self, client: int) -> int:
-        start, end, _, _ = self._spans[client]
-        return end - start
-
 
 @dataclass
 class PoolPayload:

@@ -20,11 +20,13 @@ its numbers). So the final models differ only by how each averages (Flower: floa
 float64; ray-lips: exact fixed point); the table shows their accuracy on the test set and the
 largest weight difference against the serial loop.
 
-Columns: time from launching the process to the end of the first round (imports, Ray start-up,
-actors, data, one round); seconds per round (median over the rounds after the first and before
-the last); peak memory of the whole process tree (every descendant: Ray's daemons, workers,
-actors), sampled every 0.25 s, as the sum of RSS (counts shared pages once per process) and of
-PSS (shares them out).
+Columns: start-up, the time from launching the process to the start of the first round's
+training (imports, Ray start-up, actors, data; for Flower, the first ClientApp's ``train`` call;
+for ``ray-lips run``, the end of round 1 as seen on disk less that round's own seconds); time
+from launching the process to the end of the first round; seconds per round (median over the
+rounds after the first and before the last); peak memory of the whole process tree (every
+descendant: Ray's daemons, workers, actors), sampled every 0.25 s, as the sum of RSS (counts
+shared pages once per process) and of PSS (shares them out).
 
     bash benchmarks/make_flower_venv.sh                    # once, ~3 min
     .venv/bin/python benchmarks/bench_peers.py --quick     # 20 clients, 1 epoch, ~2 min
@@ -137,8 +139,9 @@ def serial_worker(job: dict[str, Any]) -> dict[str, Any]:
     norm = Normalisation(tuple(w["mean"]), tuple(w["std"]), augment=False)
     state = w["init"]
     total = sum(int(y.shape[0]) for y in w["y_train"])
-    round_ends = []
+    round_ends, round_starts = [], []
     for round_idx in range(w["rounds"]):
+        round_starts.append(time.time())
         summed = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
         for client, (x, y) in enumerate(zip(w["x_train"], w["y_train"], strict=True)):
             model.load_state_dict(state)
@@ -151,7 +154,8 @@ def serial_worker(job: dict[str, Any]) -> dict[str, Any]:
         state = {k: summed[k].to(v.dtype) for k, v in state.items()}
         round_ends.append(time.time())
     torch.save(state, job["final_state"])
-    return {"round_ends": round_ends, "threads": [torch.get_num_threads()]}
+    return {"round_ends": round_ends, "round_starts": round_starts,
+            "threads": [torch.get_num_threads()]}
 
 
 def raylips_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -164,17 +168,18 @@ def raylips_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     cfg = validate_config(job["config"])
     runtime.connect(num_cpus=job["cpus"])
-    round_ends = []
+    round_ends, round_starts = [], []
     with tempfile.TemporaryDirectory() as run_dir:
         run = FederatedRun(cfg, run_dir, make_pools=RayPoolFactory(cfg.resources))
         try:
             while not run.done:
+                round_starts.append(time.time())
                 run.run_round()
                 round_ends.append(time.time())
             torch.save(run.global_state, job["final_state"])
         finally:
             run.close()
-    return {"round_ends": round_ends, "threads": [1]}
+    return {"round_ends": round_ends, "round_starts": round_starts, "threads": [1]}
 
 
 # ----- launching and watching a process tree ---------------------------------------------------
@@ -278,14 +283,16 @@ def measure_one(mode: str, config: dict[str, Any], workload: Path, scratch: Path
         run_dir = next(out_dir.glob("*/rounds.parquet")).parent
         seconds = pd.read_parquet(run_dir / "rounds.parquet")["seconds"].tolist()
         result = {"round_s": seconds, "first_round_at": readings["first_file_at"],
-                  "threads": [1]}
+                  "first_start_at": readings["first_file_at"] - seconds[0], "threads": [1]}
         final_state = run_dir / "model_final.pt"
     else:
         ends = result["round_ends"]
         result["round_s"] = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
         result["first_round_at"] = ends[0]
+        result["first_start_at"] = result["round_starts"][0]
     steady = result["round_s"][:-1] if mode != "ray-lips-cli" else result["round_s"][1:-1]
-    return {"mode": mode, "first_round_s": result["first_round_at"] - readings["launched"],
+    return {"mode": mode, "start_s": result["first_start_at"] - readings["launched"],
+            "first_round_s": result["first_round_at"] - readings["launched"],
             "s_round": statistics.median(steady), "rounds_s": result["round_s"],
             "total_s": readings["ended"] - readings["launched"],
             "rss_mb": readings["rss_mb"], "pss_mb": readings["pss_mb"],
@@ -333,7 +340,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                                       args.cpus, args.timeout)
                     row.update(workload=name, clients=clients, epochs=epochs, repeat=repeat)
                     measured.append(row)
-                    print(f"  {name:36s} {LABELS[mode]:40s} first round {row['first_round_s']:6.1f}"
+                    print(f"  {name:36s} {LABELS[mode]:40s} start-up {row['start_s']:5.1f} s,"
+                          f" first round {row['first_round_s']:6.1f}"
                           f" s, {row['s_round']:6.2f} s/round, tree RSS {row['rss_mb']:6.0f} MB"
                           f" (load {row['load']:.1f})", flush=True)
                 score(measured, test)
@@ -346,11 +354,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         serial = next(s for s in rows if s["mode"] == "serial" and s["workload"] == r["workload"]
                       and s["repeat"] == r["repeat"])
-        out.append([r["workload"], LABELS[r["mode"]], r["first_round_s"], r["s_round"],
+        out.append([r["workload"], LABELS[r["mode"]], r["start_s"], r["first_round_s"],
+                    r["s_round"],
                     r["s_round"] / serial["s_round"], r["total_s"], r["rss_mb"], r["pss_mb"],
                     r["processes"], f"{r['acc_test']:.4f}", f"{r['max_abs_diff']:.1e}",
                     r["load"]])
-    header = ["workload", "orchestration", "launch to 1st round end s", "s/round",
+    header = ["workload", "orchestration", "launch to 1st round start s",
+              "launch to 1st round end s", "s/round",
               "x serial", "total s", "tree peak RSS MB", "tree peak PSS MB", "processes",
               "final test acc", "max |w - w_serial|", "load avg"]
     return markdown_table(header, out)

@@ -7,7 +7,8 @@ initial model and the local settings. A ClientApp trains with ``ray_lips.trainin
 and the same per-client, per-round batch-order generator as ray-lips and the serial loop, so
 the three differ only in orchestration and in how they average. Flower's own ``FedAvg``
 strategy aggregates (weighted by the number of examples); training replies only, no federated
-evaluation. Each round's end is stamped with ``time.time()`` for the parent.
+evaluation. Each round's end, and the moment its first client began training, are stamped with
+``time.time()`` for the parent.
 
     benchmarks/.flower-venv/bin/python benchmarks/peers_flower.py --worker JOB_JSON
 """
@@ -57,6 +58,7 @@ client_app = ClientApp()
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     w = workload()
     client = int(context.node_config["partition-id"])
     round_idx = int(msg.content["config"]["server-round"]) - 1  # Flower counts from 1
@@ -68,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
                 torch_generator(w["seed"], "batches", client, round_idx),
                 torch_generator(w["seed"], "augment", client, round_idx))
     metrics = MetricRecord({"num-examples": int(x.shape[0]),
-                            "threads": torch.get_num_threads()})
+                            "threads": torch.get_num_threads(), "started": started})
     return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
                                        "metrics": metrics}), reply_to=msg)
 
@@ -79,13 +81,17 @@ class StampedFedAvg(FedAvg):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.round_ends: list[float] = []
+        self.round_starts: list[float] = []  # when the round's first client began training
         self.threads: set[int] = set()
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
+        starts = []
         for reply in replies:
             if reply.has_content():
                 self.threads.add(int(reply.content["metrics"]["threads"]))
+                starts.append(float(reply.content["metrics"]["started"]))
+        self.round_starts.append(min(starts))
         arrays, metrics = super().aggregate_train(server_round, replies)
         self.round_ends.append(time.time())
         return arrays, metrics
@@ -103,7 +109,8 @@ def main(grid: Grid, context: Context) -> None:
                              min_train_nodes=clients, min_available_nodes=clients)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(w["init"]),
                             num_rounds=w["rounds"])
-    OUTCOME.update(round_ends=strategy.round_ends, threads=sorted(strategy.threads),
+    OUTCOME.update(round_ends=strategy.round_ends, round_starts=strategy.round_starts,
+                   threads=sorted(strategy.threads),
                    final=result.arrays.to_torch_state_dict())
 
 
@@ -119,7 +126,8 @@ def run(job: dict) -> dict:
                        "init_args": {"address": "local", "num_cpus": job["cpus"],
                                      "include_dashboard": False}})
     torch.save(app.OUTCOME["final"], job["final_state"])
-    return {"round_ends": app.OUTCOME["round_ends"], "threads": app.OUTCOME["threads"]}
+    return {"round_ends": app.OUTCOME["round_ends"], "round_starts": app.OUTCOME["round_starts"],
+            "threads": app.OUTCOME["threads"]}
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main() -> None:
 def _connect_and_check(cfg: ExperimentConfig, address: str | None, runs: int) -> None:
     from ray_lips.runtime import ClusterError, check_resources, connect
 
-    connect(address)
+    connect(address, while_starting=["ray_lips.launch"])
     try:
         check_resources(cfg, concurrent_runs=runs)
     except ClusterError as err:

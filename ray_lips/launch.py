@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray_lips.config import ExperimentConfig
 from ray_lips.engine.aggregate import DivergenceError
 from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.ray_pools import PoolLostError, RayPoolFactory
+from ray_lips.engine.ray_pools import PoolLostError, RayPoolFactory, start_pool_actors
 from ray_lips.results import RunWriter
 
 
@@ -52,14 +52,20 @@ class Progress:
         print(line, end=end, file=self.stream, flush=True)
 
 
-def start_driver(cfg: ExperimentConfig, run_dir: Path) -> Any:
-    """The driver actor, pinned to this node so the run directory is on this machine's disk."""
+def start_driver(cfg: ExperimentConfig, run_dir: Path) -> tuple[Any, list[Any]]:
+    """The driver actor, pinned to this node so the run directory is on this machine's disk,
+    and its pool actors. Both start at once, so the pools' processes load torch while the
+    driver's does; the pools are the driver's to fill and close, and ``_stop`` kills them
+    with it."""
     driver_cls = ray.remote(FederatedRun)
     node = ray.get_runtime_context().get_node_id()
-    return driver_cls.options(
+    driver = driver_cls.options(
         num_cpus=cfg.resources.driver_cpus,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-    ).remote(cfg, str(run_dir), RayPoolFactory(cfg.resources))
+    )
+    pools = start_pool_actors(cfg, cfg.resources)
+    factory = RayPoolFactory(cfg.resources, started=pools)
+    return driver.remote(cfg, str(run_dir), factory), pools
 
 
 def _failure_status(err: BaseException) -> str:
@@ -75,9 +81,12 @@ def _restartable(err: BaseException) -> bool:
     return isinstance(err, PoolLostError | ray.exceptions.RayActorError)
 
 
-def _stop(driver: Any, wait_s: float = 10.0) -> None:
-    """Kill a driver actor (its pools die with it) and wait until it can write no more."""
+def _stop(driver: Any, pools: list[Any], wait_s: float = 10.0) -> None:
+    """Kill a driver actor and its pools, and wait until the driver can write no more."""
     ray.kill(driver, no_restart=True)
+    for pool in pools:
+        with contextlib.suppress(Exception):  # expected: already gone with a closed run
+            ray.kill(pool, no_restart=True)
     with contextlib.suppress(Exception):  # expected: the actor is gone
         ray.get(driver.summary.remote(), timeout=wait_s)
 
@@ -89,7 +98,10 @@ class _Runs:
     def __init__(self, runs: list[tuple[str, ExperimentConfig, Path]], stream=sys.stderr):
         self.cfgs = {label: cfg for label, cfg, _ in runs}
         self.dirs = {label: run_dir for label, _, run_dir in runs}
-        self.drivers = {label: start_driver(cfg, run_dir) for label, cfg, run_dir in runs}
+        self.drivers: dict[str, Any] = {}
+        self.pools: dict[str, list[Any]] = {}
+        for label, cfg, run_dir in runs:
+            self.drivers[label], self.pools[label] = start_driver(cfg, run_dir)
         self.restarts = dict.fromkeys(self.cfgs, 0)
         self.timeout = max(cfg.resources.timeout_s for cfg in self.cfgs.values())
         self.stream = stream
@@ -112,12 +124,13 @@ class _Runs:
         return answers
 
     def restart(self, label: str, reason: str, limit: int) -> None:
-        _stop(self.drivers[label])
+        _stop(self.drivers[label], self.pools[label])
         print(f"[{label}] {reason}", file=self.stream, flush=True)
         print(f"[{label}] restarting its pools from the last checkpoint (restart "
               f"{self.restarts[label]} of resources.pool_restarts {limit})",
               file=self.stream, flush=True)
-        self.drivers[label] = start_driver(self.cfgs[label], self.dirs[label])
+        self.drivers[label], self.pools[label] = start_driver(self.cfgs[label],
+                                                              self.dirs[label])
 
     def rounds_done(self, labels: list[str]) -> dict[str, int]:
         summaries = ray.get([self.drivers[lbl].summary.remote() for lbl in labels],
@@ -127,11 +140,11 @@ class _Runs:
     def stop_all(self, interrupted: bool) -> None:
         """After success or a failure the drivers close their pools; after an interruption
         there is no waiting for the round in flight: they are killed."""
-        for driver in self.drivers.values():
+        for label, driver in self.drivers.items():
             if not interrupted:
                 with contextlib.suppress(Exception):  # best effort: the actor may be gone
                     ray.get(driver.close.remote(), timeout=60)
-            _stop(driver, wait_s=10.0 if interrupted else 1.0)
+            _stop(driver, self.pools[label], wait_s=10.0 if interrupted else 1.0)
 
 
 def run_on_ray(runs: list[tuple[str, ExperimentConfig, Path]],

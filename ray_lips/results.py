@@ -14,9 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import torch
-
 from ray_lips.config import ExperimentConfig, validate_config
 
 CONFIG_FILE = "config.yaml"
@@ -84,7 +81,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# pandas and torch are imported where a table or a checkpoint is read or written: the command
+# line reads run folders and starts Ray before it needs either (torch alone takes 3 s to load).
+
+
 def _write_parquet(path: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
     tmp = path.with_name(path.name + ".tmp")
     pd.DataFrame(rows).to_parquet(tmp, index=False)
     os.replace(tmp, path)
@@ -125,11 +128,15 @@ class RunWriter:
         _write_parquet(self.dir / CLIENTS_FILE, rows)
 
     def read_table(self, name: str) -> list[dict]:
+        import pandas as pd
+
         path = self.dir / name
         return pd.read_parquet(path).to_dict("records") if path.exists() else []
 
     # ----- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self, round_idx: int, payload: dict[str, Any]) -> Path:
+        import torch
+
         folder = self.dir / CHECKPOINT_DIR
         path = folder / f"round_{round_idx:05d}.pt"
         tmp = path.with_name(path.name + ".tmp")
@@ -150,6 +157,8 @@ class RunWriter:
         Read with ``weights_only``: tensors and plain values only, so a crafted file in a
         shared run folder cannot run code; such a file is refused, never skipped.
         """
+        import torch
+
         found = [path] if path is not None else sorted(
             (self.dir / CHECKPOINT_DIR).glob("round_*.pt"), reverse=True)
         damaged = []

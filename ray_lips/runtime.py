@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,22 +22,49 @@ class ClusterError(RuntimeError):
     """The cluster cannot give what the config asks for."""
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> str:
+def connect(address: str | None = None, num_cpus: int | None = None,
+            while_starting: Sequence[str] = ()) -> str:
     """Join ``address`` (or $RAY_ADDRESS); otherwise start a private local Ray.
 
     A bare ``ray.init()`` would join whatever /tmp/ray/ray_current_cluster names, even a
     dead one, so the local case always asks for ``address="local"``. Token authentication, when
     the cluster uses it, is picked up by Ray from $RAY_AUTH_TOKEN or ~/.ray/auth_token.
+
+    ``while_starting``: modules to import in a background thread meanwhile. Most of Ray's
+    start is waiting for its daemons, so torch and the engine load in that time (about 3 s
+    of a 2-core machine's start-up; benchmarks/README.md).
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return "existing"
-    with _workers_ignore_working_dir():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-            return address
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, **PRIVATE_RAY_OPTIONS)
-    return "local"
+    importer = _import_in_background(while_starting)
+    try:
+        with _workers_ignore_working_dir():
+            if address:
+                ray.init(address=address, log_to_driver=True)
+                return address
+            ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
+                     **PRIVATE_RAY_OPTIONS)
+        return "local"
+    finally:
+        importer.join(timeout=_IMPORT_WAIT_S)
+
+
+_IMPORT_WAIT_S = 300.0
+
+
+def _import_in_background(modules: Sequence[str]) -> threading.Thread:
+    """Import ``modules`` in a daemon thread. A failure is left to the caller's own import of
+    the same module, which raises it where it is handled."""
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=load, name="ray-lips-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 # A private local Ray starts what a run needs and nothing that serves data: no dashboard, and

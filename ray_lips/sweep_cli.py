@@ -54,7 +54,7 @@ def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
 
     from ray_lips.runtime import connect  # noqa: PLC0415
 
-    connect(address)
+    connect(address, while_starting=["ray_lips.tune_trial"])
     if not spec.check_resources:
         return
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -12,7 +13,12 @@ from torch import nn
 
 from ray_lips.algorithms import ALGORITHMS, build_algorithm
 from ray_lips.algorithms.base import Trained, TrainJob
-from ray_lips.config import ConfigError, validate_config
+from ray_lips.config import (
+    SPARSE_HANDOUT_ALGORITHMS,
+    AlgorithmName,
+    ConfigError,
+    validate_config,
+)
 from ray_lips.engine.aggregate import add_client, to_state
 from ray_lips.engine.client_state import ClientStore
 from ray_lips.engine.experiment import FederatedRun, run_local
@@ -64,6 +70,14 @@ def test_lips_on_an_algorithm_without_a_handed_global_model_is_a_config_error(ti
                                                                              algorithm):
     with pytest.raises(ConfigError, match=rf"handout: 'lips' .* algorithm: '{algorithm}'"):
         validate_config({**tiny_config, "algorithm": algorithm, "handout": "lips"})
+
+
+def test_the_config_knows_every_algorithm_and_which_take_the_lips_handout():
+    """The config checks names and LIPS compatibility without importing the algorithms
+    (torch): its lists must say what the classes say."""
+    assert set(typing.get_args(AlgorithmName)) == set(ALGORITHMS)
+    assert SPARSE_HANDOUT_ALGORITHMS == {name for name, cls in ALGORITHMS.items()
+                                         if cls.sparse_handout}
 
 
 # ----- known answers -------------------------------------------------------------------------

@@ -196,3 +196,17 @@ def test_a_model_importable_only_from_the_working_directory_stops_before_ray(tmp
     local = subprocess.run([*CLI, "run", str(path), "--local"], capture_output=True, text=True,
                            timeout=300, env=env, cwd=tmp_path)
     assert local.returncode == 0, local.stderr
+
+
+def test_the_command_checks_a_run_without_loading_torch(tmp_path, tiny_config):
+    """Validation and the pre-Ray checks never import torch, so a bad config fails at once,
+    and Ray starts while torch loads in the background (``runtime.connect``)."""
+    path = _config(tmp_path, tiny_config)
+    probe = ("import sys\n"
+             "from ray_lips.cli import _load, _preflight\n"
+             f"_preflight(_load({str(path)!r}, ()))\n"
+             "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

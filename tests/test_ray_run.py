@@ -1,9 +1,10 @@
 """End to end on a real local Ray: driver actor, pool actors, files on disk."""
 
 import pandas as pd
+import pytest
 import torch
 
-from ray_lips.config import validate_config
+from ray_lips.config import ConfigError, validate_config
 from ray_lips.engine.experiment import run_local
 from ray_lips.launch import run_on_ray
 from ray_lips.results import RunWriter
@@ -40,3 +41,32 @@ def test_progress_eta_of_a_resumed_run_counts_only_the_rounds_run_now():
     assert "round 60/100" in line
     assert "2.00 s/round" in line and "ETA 80 s" in line
     assert "acc_global 0.600" in line
+
+
+def test_pools_started_before_the_data_are_stopped_when_the_data_fail_to_load(
+        ray_local, tmp_path, monkeypatch, tiny_config):
+    """The pools start while the driver loads the data; a dataset that fails to load (here a
+    user's function that raises) must not leave them holding their CPUs."""
+    import ray
+
+    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.engine.ray_pools import RayPoolFactory
+
+    (tmp_path / "broken_data.py").write_text(
+        "def load():\n    raise OSError('the data disk is gone')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny_config["data"]["dataset"] = "broken_data:load"
+    cfg = validate_config(tiny_config)
+    started = []
+
+    def pools_kept(cfg):
+        pools = RayPoolFactory(cfg.resources)(cfg)
+        started.extend(pools.actors)
+        return pools
+
+    with pytest.raises(ConfigError, match="raised OSError: the data disk is gone"):
+        FederatedRun(cfg, tmp_path / "run", make_pools=pools_kept)
+    assert len(started) == cfg.resources.pools
+    for actor in started:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.location.remote(), timeout=60)

@@ -102,6 +102,31 @@ class FederatedRun:
                  make_pools: PoolFactory = local_pools):
         self.cfg = cfg
         self.writer = RunWriter(run_dir)
+        # The pools start first: on Ray their processes start and import torch while this one
+        # reads the data and builds the model.
+        self.pools = make_pools(cfg)
+        try:
+            payloads = self._prepare(cfg)
+            self.pools.load(payloads)
+        except BaseException:
+            self.pools.shutdown()
+            raise
+        self.ref_state: dict[str, torch.Tensor] | None = None
+        self.round = 0
+        self.rounds_rows: list[dict] = []
+        self.layers_rows: list[dict] = []
+        self.elapsed = 0.0
+        checkpoint = self.writer.load_checkpoint()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self.writer.write_config(cfg)
+            self.pools.set_global(-1, self.global_state, 1.0)
+        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds)
+
+    def _prepare(self, cfg: ExperimentConfig) -> list[PoolPayload]:
+        """The data, the client assignment, the initial model and the algorithm's server side;
+        returns each pool's payload."""
         dataset = load_dataset(cfg.data)
         self.assignment = assign_clients(cfg.data.clients, cfg.resources.pools)
         payloads = build_payloads(cfg, dataset, self.assignment)
@@ -113,20 +138,7 @@ class FederatedRun:
         self.handout = build_handout(cfg, eligible_parameter_names(model))
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.server_state = self.algorithm.init_server_state(self.global_state)
-        del dataset, model
-        self.ref_state: dict[str, torch.Tensor] | None = None
-        self.round = 0
-        self.rounds_rows: list[dict] = []
-        self.layers_rows: list[dict] = []
-        self.elapsed = 0.0
-        self.pools = make_pools(cfg, payloads)
-        checkpoint = self.writer.load_checkpoint()
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        else:
-            self.writer.write_config(cfg)
-            self.pools.set_global(-1, self.global_state, 1.0)
-        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds)
+        return payloads
 
     # ----- one round --------------------------------------------------------------------
     @property

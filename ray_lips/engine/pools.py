@@ -1,8 +1,10 @@
 """Groups of client pools behind one typed interface: in-process objects or Ray actors.
 
-Each step of a round is one method: every pool gets its own request (and the arguments all
-pools share), runs in parallel where the backend allows, and the replies come back in pool
-order.
+A group starts in two steps: the factory starts the pools empty (as Ray actors, their
+processes import torch meanwhile), and ``load`` gives each its clients once the driver has
+prepared the data. Each step of a round is then one method: every pool gets its own request
+(and the arguments all pools share), runs in parallel where the backend allows, and the replies
+come back in pool order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ ClientState = dict[str, dict[int, Tensors]]
 class PoolGroup(Protocol):
     size: int
 
+    def load(self, payloads: list[PoolPayload]) -> None:
+        """Give pool i the clients of ``payloads[i]``; returns once every pool holds them."""
+        ...
+
     def set_global(self, round_idx: int, state: Tensors, density: float) -> None: ...
 
     def train_round(self, requests: list[TrainRequest],
@@ -40,15 +46,19 @@ class PoolGroup(Protocol):
     def shutdown(self) -> None: ...
 
 
-PoolFactory = Callable[[ExperimentConfig, list[PoolPayload]], PoolGroup]
+PoolFactory = Callable[[ExperimentConfig], PoolGroup]  # starts ``cfg.resources.pools`` pools
 
 
 class LocalPools:
     """All pools in this process, called one after another: the no-Ray training path."""
 
-    def __init__(self, cfg: ExperimentConfig, payloads: list[PoolPayload]):
-        self.pools = [ClientPool(cfg, payload) for payload in payloads]
-        self.size = len(self.pools)
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.pools: list[ClientPool] = []
+        self.size = cfg.resources.pools
+
+    def load(self, payloads: list[PoolPayload]) -> None:
+        self.pools = [ClientPool(self.cfg, payload) for payload in payloads]
 
     def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
         for pool in self.pools:
@@ -80,5 +90,5 @@ class LocalPools:
         self.pools = []
 
 
-def local_pools(cfg: ExperimentConfig, payloads: list[PoolPayload]) -> LocalPools:
-    return LocalPools(cfg, payloads)
+def local_pools(cfg: ExperimentConfig) -> LocalPools:
+    return LocalPools(cfg)

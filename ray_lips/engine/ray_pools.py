@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
-from ray_lips.engine.payload import PoolPayload
+from ray_lips.engine.payload import DatasetArrays, PoolPayload
 from ray_lips.engine.pool import ClientPool
 from ray_lips.engine.pools import ClientState
 
@@ -53,7 +53,16 @@ class PoolHungError(PoolLostError):
 
 
 class ClientPoolActor(ClientPool):
-    """The pool as an actor: it can also say where it runs."""
+    """The pool as an actor. It starts empty, so that its process imports torch while the
+    driver prepares the data, and becomes a pool when ``setup`` gives it its clients."""
+
+    def __init__(self, threads: int):  # the pool itself is built by ``setup``
+        torch.set_num_threads(threads)
+
+    def setup(self, cfg: ExperimentConfig, payload: PoolPayload,
+              dataset: DatasetArrays | None) -> str:
+        ClientPool.__init__(self, cfg, payload, dataset=dataset)
+        return self.location()
 
     def location(self) -> str:
         return f"pid {os.getpid()} on {socket.gethostname()}"
@@ -79,42 +88,61 @@ class CallDeadlines:
         self.slowest[kind] = max(seconds, self.slowest.get(kind, 0.0))
 
 
+def start_pool_actors(cfg: ExperimentConfig, resources: ResourcesConfig,
+                      placement_group: PlacementGroup | None = None,
+                      first_bundle: int = 0) -> list[ray.actor.ActorHandle]:
+    """``cfg.resources.pools`` empty pool actors, each with its CPUs and GPU fraction (in the
+    placement group's bundles from ``first_bundle`` on, when given). Returns at once."""
+    actor_cls = ray.remote(ClientPoolActor)
+    threads = max(1, int(resources.cpus_per_pool))
+    actors = []
+    for index in range(cfg.resources.pools):
+        options: dict[str, Any] = {"num_cpus": resources.cpus_per_pool,
+                                   "num_gpus": resources.gpus_per_pool}
+        if placement_group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=first_bundle + index)
+        actors.append(actor_cls.options(**options).remote(threads))
+    return actors
+
+
 class RayPools:
     """One ``ClientPool`` actor per payload, each with its CPUs and GPU fraction."""
 
-    def __init__(self, cfg: ExperimentConfig, payloads: list[PoolPayload],
-                 resources: ResourcesConfig, placement_group: PlacementGroup | None = None,
-                 first_bundle: int = 0):
+    def __init__(self, cfg: ExperimentConfig, resources: ResourcesConfig,
+                 placement_group: PlacementGroup | None = None, first_bundle: int = 0,
+                 started: list[ray.actor.ActorHandle] | None = None):
+        self.cfg = cfg
+        self.resources = resources
         self.timeout_s = resources.timeout_s
         self.deadlines = CallDeadlines(resources.hang_factor, resources.hang_min_s,
                                        resources.timeout_s)
-        actor_cls = ray.remote(ClientPoolActor)
-        self.actors = []
-        # The dataset goes into the object store once; each pool maps it read-only (one copy
-        # per node) and gets only its clients' row numbers in its payload.
+        self.actors = started or start_pool_actors(cfg, resources, placement_group,
+                                                   first_bundle)
+        self.size = len(self.actors)
+        self.locations = ["not started"] * self.size
+
+    def load(self, payloads: list[PoolPayload]) -> None:
+        """Each pool's clients; waits (at most ``resources.timeout_s``) until every pool is
+        placed and holds them.
+
+        The dataset goes into the object store once; each pool maps it read-only (one copy per
+        node) and gets only its clients' row numbers in its payload.
+        """
         datasets = {id(p.dataset): p.dataset for p in payloads if p.dataset is not None}
         shared = {key: ray.put(dataset) for key, dataset in datasets.items()}
-        for index, payload in enumerate(payloads):
-            options: dict[str, Any] = {"num_cpus": resources.cpus_per_pool,
-                                       "num_gpus": resources.gpus_per_pool}
-            if placement_group is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group,
-                    placement_group_bundle_index=first_bundle + index)
-            threads = max(1, int(resources.cpus_per_pool))
-            dataset = shared.get(id(payload.dataset)) if payload.dataset is not None else None
-            self.actors.append(actor_cls.options(**options).remote(
-                cfg, ray.put(replace(payload, dataset=None)), threads=threads, dataset=dataset))
-        self.size = len(self.actors)
-        try:
-            self.locations = ray.get([a.location.remote() for a in self.actors],
-                                     timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
+        refs = [actor.setup.remote(self.cfg, ray.put(replace(payload, dataset=None)),
+                                   shared.get(id(payload.dataset)))
+                for actor, payload in zip(self.actors, payloads, strict=True)]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
             self.shutdown()
+            res = self.resources
             raise PoolStartError(
-                f"{self.size} client pools ({resources.cpus_per_pool} CPU, "
-                f"{resources.gpus_per_pool} GPU each) could not start within "
-                f"{self.timeout_s:.0f} s; the cluster offers {ray.available_resources()}") from None
+                f"{self.size} client pools ({res.cpus_per_pool} CPU, {res.gpus_per_pool} GPU "
+                f"each) could not start within {self.timeout_s:.0f} s; the cluster offers "
+                f"{ray.available_resources()}")
+        self.locations = ray.get(refs)
 
     def _get(self, refs: list[ray.ObjectRef], kind: str) -> list[Any]:
         """Every pool's reply, or a ``PoolLostError`` naming the first pool that died or did
@@ -179,13 +207,20 @@ class RayPools:
 
 
 class RayPoolFactory:
-    """Picklable factory, so a driver actor or a Tune trial can start its own pools."""
+    """Picklable factory, so a driver actor or a Tune trial can start its own pools.
+
+    ``started``: pool actors already started by whoever made the factory (``ray-lips run``
+    starts them with the driver actor, so that all their processes load at the same time);
+    the factory's one call uses them instead of starting new ones.
+    """
 
     def __init__(self, resources: ResourcesConfig, placement_group: PlacementGroup | None = None,
-                 first_bundle: int = 0):
+                 first_bundle: int = 0, started: list[ray.actor.ActorHandle] | None = None):
         self.resources = resources
         self.placement_group = placement_group
         self.first_bundle = first_bundle
+        self.started = started
 
-    def __call__(self, cfg: ExperimentConfig, payloads: list[PoolPayload]) -> RayPools:
-        return RayPools(cfg, payloads, self.resources, self.placement_group, self.first_bundle)
+    def __call__(self, cfg: ExperimentConfig) -> RayPools:
+        started, self.started = self.started, None
+        return RayPools(cfg, self.resources, self.placement_group, self.first_bundle, started)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -269,6 +270,7 @@ def measure_one(mode: str, config: dict[str, Any], workload: Path, scratch: Path
                json.dumps(job)]
     elif mode == "ray-lips-cli":
         out_dir = scratch / "cli_runs"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a repeat looks for its own run folder
         config_path = scratch / "cli.yaml"
         config_path.write_text(json.dumps(dict(config, output=str(out_dir))))  # JSON is YAML
         cmd = [str(Path(sys.executable).with_name("ray-lips")), "run", str(config_path)]

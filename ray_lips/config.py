@@ -136,7 +136,6 @@ class ResourcesConfig(_Strict):
     spill_dir: str | None = None  # where spilled client state goes (default: the system temp)
 
 
-ALGORITHM_NAMES = ("fedavg", "fedprox", "scaffold", "fedper", "ditto", "local")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
 # The algorithms of ray_lips.algorithms, and those whose clients may be handed LIPS's sparse

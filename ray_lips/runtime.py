@@ -22,6 +22,9 @@ class ClusterError(RuntimeError):
     """The cluster cannot give what the config asks for."""
 
 
+_IMPORT_WAIT_S = 300.0  # the most connect() waits for its background imports after Ray is up
+
+
 def connect(address: str | None = None, num_cpus: int | None = None,
             while_starting: Sequence[str] = ()) -> str:
     """Join ``address`` (or $RAY_ADDRESS); otherwise start a private local Ray.
@@ -48,9 +51,6 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         return "local"
     finally:
         importer.join(timeout=_IMPORT_WAIT_S)
-
-
-_IMPORT_WAIT_S = 300.0
 
 
 def _import_in_background(modules: Sequence[str]) -> threading.Thread:

@@ -6,10 +6,11 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,50 @@ LAYERS_FILE = "layers.parquet"
 CLIENTS_FILE = "clients.parquet"
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 2
+CLIENT_STATE_PARTS = "client_state_parts"  # a checkpoint's record of its parts' sizes
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used to resume."""
+
+
+def client_state_folder(checkpoint_file: Path) -> Path:
+    """Where the clients' state of ``round_NNNNN.pt`` lies: ``round_NNNNN.clients``."""
+    return checkpoint_file.with_suffix(".clients")
+
+
+class ClientStateParts:
+    """A checkpoint's client state parts, checked for presence and size at once and each
+    read (``weights_only``) only when iterated to."""
+
+    def __init__(self, checkpoint_file: Path, sizes: list[int]):
+        if not isinstance(sizes, list) or not all(isinstance(n, int) for n in sizes):
+            raise CheckpointError("its record of client state parts is not a list of sizes")
+        folder = client_state_folder(checkpoint_file)
+        self.files = [folder / f"{index:05d}.pt" for index in range(len(sizes))]
+        for file, size in zip(self.files, sizes, strict=True):
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                raise CheckpointError(f"client state part {folder.name}/{file.name} is "
+                                      + ("missing" if actual is None else
+                                         f"{actual} bytes, not the {size} written"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch
+
+        for file in self.files:
+            try:
+                yield torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"{file}: refused to load: it holds objects other than "
+                                      f"tensors and plain values: {str(err).splitlines()[0]}"
+                                      ) from None
+            except (RuntimeError, EOFError, OSError) as err:
+                raise CheckpointError(f"{file}: damaged client state part: "
+                                      f"{str(err).splitlines()[0]}") from None
 
 
 class RunLockedError(RuntimeError):
@@ -134,16 +175,37 @@ class RunWriter:
         return pd.read_parquet(path).to_dict("records") if path.exists() else []
 
     # ----- checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self, round_idx: int, payload: dict[str, Any]) -> Path:
+    def save_checkpoint(self, round_idx: int, payload: dict[str, Any],
+                        write_client_state: Callable[[Path], list[int]] | None = None) -> Path:
+        """``round_NNNNN.pt`` with the driver's state; the clients' state goes into the
+        ``round_NNNNN.clients`` folder beside it, where ``write_client_state(folder)`` writes
+        it as ``00000.pt``, ``00001.pt``, ... and returns their sizes. The parts are complete
+        before the main file appears, and the main file records their sizes."""
         import torch
 
         folder = self.dir / CHECKPOINT_DIR
         path = folder / f"round_{round_idx:05d}.pt"
+        parts = client_state_folder(path)
+        staging = parts.with_name(parts.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        sizes = write_client_state(staging) if write_client_state is not None else []
+        path.unlink(missing_ok=True)  # never a main file beside parts that are not its own
+        shutil.rmtree(parts, ignore_errors=True)
+        if sizes:
+            os.replace(staging, parts)
+        else:
+            staging.rmdir()
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
+        torch.save({**payload, CLIENT_STATE_PARTS: sizes}, tmp)
         os.replace(tmp, path)
-        for old in sorted(folder.glob("round_*.pt"))[:-KEEP_CHECKPOINTS]:
-            old.unlink()
+        kept = sorted(folder.glob("round_*.pt"))[-KEEP_CHECKPOINTS:]
+        for old in sorted(folder.glob("round_*.pt")):
+            if old not in kept:
+                old.unlink()
+        for other in folder.glob("round_*.clients*"):
+            if folder / f"{other.name.split('.')[0]}.pt" not in kept:
+                shutil.rmtree(other, ignore_errors=True)
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -152,10 +214,12 @@ class RunWriter:
 
     def load_checkpoint(self, path: Path | None = None) -> dict[str, Any] | None:
         """The given checkpoint, or the newest intact one (a damaged newest file, e.g. cut
-        short by a full disk, is reported and the one before it used: two are kept).
+        short by a full disk, or client state parts missing or of the wrong size, is reported
+        and the one before it used: two are kept).
 
         Read with ``weights_only``: tensors and plain values only, so a crafted file in a
-        shared run folder cannot run code; such a file is refused, never skipped.
+        shared run folder cannot run code; such a file is refused, never skipped. Its
+        ``client_state`` is an iterable of the parts, each read (the same way) when reached.
         """
         import torch
 
@@ -173,6 +237,13 @@ class RunWriter:
             except (RuntimeError, EOFError, OSError) as err:
                 damaged.append(f"{candidate.name} ({str(err).splitlines()[0]})")
                 continue
+            if CLIENT_STATE_PARTS in checkpoint:  # else: state inside (older checkpoints)
+                try:
+                    checkpoint["client_state"] = ClientStateParts(
+                        candidate, checkpoint.pop(CLIENT_STATE_PARTS))
+                except CheckpointError as err:
+                    damaged.append(f"{candidate.name} ({err})")
+                    continue
             if damaged:
                 warnings.warn(f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; resuming "
                               f"from {candidate.name}", stacklevel=2)

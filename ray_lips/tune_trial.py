@@ -36,6 +36,7 @@ from ray_lips.results import (
     ROUNDS_FILE,
     STATUS_FILE,
     RunWriter,
+    client_state_folder,
 )
 from ray_lips.sweep import (
     TIME_ATTR,
@@ -91,8 +92,12 @@ def _is_number(value: Any) -> bool:
 
 
 def pack_checkpoint(writer: RunWriter, checkpoint_file: Path, folder: Path) -> None:
-    """What a Tune checkpoint holds: the run's checkpoint and the tables it continues."""
+    """What a Tune checkpoint holds: the run's checkpoint (with its client state parts) and
+    the tables it continues."""
     shutil.copy2(checkpoint_file, folder / checkpoint_file.name)
+    parts = client_state_folder(checkpoint_file)
+    if parts.is_dir():
+        shutil.copytree(parts, folder / parts.name)
     for name in (CONFIG_FILE, ROUNDS_FILE, LAYERS_FILE):
         if (writer.dir / name).exists():
             shutil.copy2(writer.dir / name, folder / name)
@@ -121,7 +126,12 @@ def adopt_checkpoint(checkpoint: tune.Checkpoint | None, writer: RunWriter) -> N
         for name in (CONFIG_FILE, ROUNDS_FILE, LAYERS_FILE):
             if (Path(folder) / name).exists():
                 shutil.copy2(Path(folder) / name, writer.dir / name)
-        shutil.copy2(found[-1], writer.dir / CHECKPOINT_DIR / found[-1].name)
+        target = writer.dir / CHECKPOINT_DIR / found[-1].name
+        parts = client_state_folder(found[-1])
+        shutil.rmtree(client_state_folder(target), ignore_errors=True)
+        if parts.is_dir():  # the parts first: a main file never stands beside missing parts
+            shutil.copytree(parts, client_state_folder(target))
+        shutil.copy2(found[-1], target)
 
 
 def _pool_factory(cfg: ExperimentConfig) -> RayPoolFactory:

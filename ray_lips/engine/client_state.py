@@ -3,7 +3,8 @@
 Each entry is a client's dict of tensors in a named slot (``"lips.grad"``, ``"scaffold.c"``,
 ``"ditto.personal"``, ...). Past a byte budget the least recently used entries are written to a
 private spill folder and read back (``weights_only``) when asked for, so 10,000 clients with a
-model-sized state each fit a pool's RAM. Exports (for checkpoints) include spilled entries.
+model-sized state each fit a pool's RAM. A checkpoint reads the entries out in parts of
+bounded size (``index``, then ``export`` of some keys), spilled ones included.
 """
 
 from __future__ import annotations
@@ -12,11 +13,21 @@ import shutil
 import tempfile
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 Entry = dict[str, torch.Tensor]
+
+
+class EntryInfo(NamedTuple):
+    """One stored entry, as a checkpoint plans its parts."""
+
+    slot: str
+    client: int
+    nbytes: int
 
 
 def _nbytes(entry: Entry) -> int:
@@ -82,24 +93,38 @@ class ClientStore:
         return len(self._spilled)
 
     # ----- checkpoints --------------------------------------------------------------------
-    def export(self, skip: set[str] = frozenset()) -> dict[str, dict[int, Entry]]:
-        """Every entry (spilled ones read back, on the CPU) except the slots in ``skip``."""
-        out: dict[str, dict[int, Entry]] = {}
+    def index(self, skip: Iterable[str] = ()) -> list[EntryInfo]:
+        """Every entry but those of the slots in ``skip``, with its size, in a fixed order
+        (a spilled entry's size is its file's)."""
+        skipped = set(skip)
+        out = []
         for slot in self.slots():
-            if slot in skip:
+            if slot in skipped:
                 continue
-            out[slot] = {}
             for client in self.clients(slot):
                 key = (slot, client)
-                entry = (self._memory[key] if key in self._memory else
-                         torch.load(self._spilled[key], map_location="cpu", weights_only=True))
-                out[slot][client] = {k: v.cpu() for k, v in entry.items()}
+                nbytes = (_nbytes(self._memory[key]) if key in self._memory else
+                          self._spilled[key].stat().st_size)
+                out.append(EntryInfo(slot, client, nbytes))
         return out
 
-    def load(self, exported: dict[str, dict[int, Entry]], device: torch.device,
-             hosted: set[int]) -> None:
-        """Take the entries of the ``hosted`` clients from an export, replacing all state."""
-        self.clear()
+    def export(self, keys: Iterable[tuple[str, int]] | None = None) -> dict[str, dict[int, Entry]]:
+        """The entries named by ``keys`` (slot, client), or all of them, on the CPU; spilled
+        ones are read back without entering the memory budget."""
+        if keys is None:
+            keys = [(info.slot, info.client) for info in self.index()]
+        out: dict[str, dict[int, Entry]] = {}
+        for slot, client in keys:
+            key = (slot, client)
+            entry = (self._memory[key] if key in self._memory else
+                     torch.load(self._spilled[key], map_location="cpu", weights_only=True))
+            out.setdefault(slot, {})[client] = {k: v.cpu() for k, v in entry.items()}
+        return out
+
+    def add(self, exported: dict[str, dict[int, Entry]], device: torch.device,
+            hosted: set[int]) -> None:
+        """Take the entries of the ``hosted`` clients from an export (a checkpoint may hand
+        them over in several parts)."""
         for slot, entries in exported.items():
             for client, entry in entries.items():
                 if int(client) in hosted:

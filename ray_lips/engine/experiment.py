@@ -10,6 +10,7 @@ what a round sends and how the averaged parts become the next global state.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,29 @@ from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
 from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_sums, to_state
-from ray_lips.engine.messages import HandoutRequest, TrainRequest
+from ray_lips.engine.client_state import EntryInfo
+from ray_lips.engine.messages import HandoutRequest, StatePartRequest, TrainRequest
 from ray_lips.engine.payload import ClientRows, DatasetArrays, PoolPayload
 from ray_lips.engine.pools import ClientState, PoolFactory, local_pools
 from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
 from ray_lips.results import RunWriter
 from ray_lips.seeding import derive_seed, numpy_rng
+
+STATE_PART_BYTES = 32 * 2**20  # a pool's share of a checkpoint part (plus one entry)
+
+
+def _cut(entries: list[EntryInfo], part_bytes: int) -> list[list[tuple[str, int]]]:
+    """``entries`` in runs of at least ``part_bytes`` each (the last may be smaller), as keys."""
+    runs: list[list[tuple[str, int]]] = []
+    size = part_bytes
+    for info in entries:
+        if size >= part_bytes:
+            runs.append([])
+            size = 0
+        runs[-1].append((info.slot, info.client))
+        size += info.nbytes
+    return runs
 
 
 def assign_clients(clients: int, pools: int) -> list[list[int]]:
@@ -248,12 +265,42 @@ class FederatedRun:
 
     # ----- checkpoints ------------------------------------------------------------------
     def checkpoint(self) -> Path:
+        """The driver's state in one file, the clients' state in parts beside it."""
         return self.writer.save_checkpoint(self.round - 1, {
             "next_round": self.round, "global_state": self.global_state,
             "ref_state": self.ref_state, "server_state": self.server_state,
-            "client_state": self.pools.export_state(),
             "density": self.density(self.round - 1), "elapsed": self.elapsed,
-        })
+        }, write_client_state=self._write_client_state)
+
+    def _write_client_state(self, folder: Path) -> list[int]:
+        """Each pool's client state as parts of at most about ``STATE_PART_BYTES`` (plus one
+        entry) in ``folder``: written by the pool itself where it sees the folder (same node
+        or shared storage), else sent to this process to write; so neither this process nor
+        a pool ever holds a second copy of all of it. Returns the parts' sizes in order."""
+        batches = [_cut(entries, STATE_PART_BYTES) for entries in self.pools.state_index()]
+        if not any(batches):
+            return []
+        probe = folder / f".probe-{secrets.token_hex(8)}"
+        probe.touch()
+        try:
+            direct = self.pools.sees(str(probe))
+        finally:
+            probe.unlink()
+        sizes: list[int] = []
+        for step in range(max(len(own) for own in batches)):
+            keys = [own[step] if step < len(own) else [] for own in batches]
+            files = {pool: folder / f"{len(sizes) + k:05d}.pt"
+                     for k, pool in enumerate(p for p, own in enumerate(keys) if own)}
+            requests = [StatePartRequest(own, str(files[pool]) if own and direct[pool] else None)
+                        for pool, own in enumerate(keys)]
+            replies = self.pools.save_state(requests)
+            for pool in files:  # in file order
+                if replies[pool].entries is not None:
+                    torch.save(replies[pool].entries, files[pool])
+                    sizes.append(files[pool].stat().st_size)
+                else:
+                    sizes.append(replies[pool].nbytes)
+        return sizes
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.round = checkpoint["next_round"]
@@ -266,14 +313,17 @@ class FederatedRun:
         self.layers_rows = [r for r in self.writer.read_table("layers.parquet")
                             if r["round"] < self.round]
         self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
-        merged: ClientState = {}
-        for exported in checkpoint["client_state"]:
-            for slot, entries in exported.items():
-                merged.setdefault(LEGACY_CLIENT_SLOTS.get(slot, slot), {}).update(entries)
-        if merged:  # each pool gets its own clients' entries
-            self.pools.import_state([
-                {slot: {c: entries[c] for c in block if c in entries}
-                 for slot, entries in merged.items()} for block in self.assignment])
+        # Part by part, each pool gets its own clients' entries (whatever the pool count was)
+        owner = {client: pool for pool, block in enumerate(self.assignment) for client in block}
+        for part in checkpoint.get("client_state", ()):
+            per_pool: list[ClientState] = [{} for _ in self.assignment]
+            for slot, entries in part.items():
+                slot = LEGACY_CLIENT_SLOTS.get(slot, slot)
+                for client, entry in entries.items():
+                    if int(client) in owner:
+                        per_pool[owner[int(client)]].setdefault(slot, {})[client] = entry
+            if any(per_pool):
+                self.pools.import_state(per_pool)
 
     def close(self) -> None:
         self.pools.shutdown()

@@ -48,3 +48,18 @@ class HandoutRequest:
 class HandoutReply:
     clients: list[dict[str, Any]] = field(default_factory=list)  # client, acc_global, acc_after
     acc_test: float | None = None
+
+
+@dataclass(frozen=True)
+class StatePartRequest:
+    """A pool's share of one checkpoint part: these (slot, client) entries, written by the
+    pool itself to ``file`` when given (it sees the checkpoint folder), else sent back."""
+
+    keys: list[tuple[str, int]]
+    file: str | None = None
+
+
+@dataclass
+class StatePartReply:
+    nbytes: int = 0  # of the file the pool wrote
+    entries: dict[str, dict[int, Tensors]] | None = None  # when it wrote none

@@ -10,6 +10,7 @@ fixed-point grid, and builds each client's hand-out from the one global model it
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -22,8 +23,15 @@ from ray_lips.allocator import keep_buffers_in_heap
 from ray_lips.batched import supports
 from ray_lips.config import ExperimentConfig
 from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_client
-from ray_lips.engine.client_state import ClientStore
-from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
+from ray_lips.engine.client_state import ClientStore, EntryInfo
+from ray_lips.engine.messages import (
+    HandoutReply,
+    HandoutRequest,
+    StatePartReply,
+    StatePartRequest,
+    TrainReply,
+    TrainRequest,
+)
 from ray_lips.engine.payload import DatasetArrays, PoolPayload
 from ray_lips.engine.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
 from ray_lips.memory import current_rss_mb, peak_rss_mb
@@ -241,12 +249,26 @@ class ClientPool:
         return rows
 
     # ----- checkpoints ------------------------------------------------------------------
-    def export_state(self) -> dict[str, dict[int, Tensors]]:
-        """Client state the next rounds need, by slot and client, on the CPU."""
-        return self.store.export(skip=self.handout_step.unneeded_slots())
+    def state_index(self) -> list[EntryInfo]:
+        """The client state the next rounds need, entry by entry with its size."""
+        return self.store.index(skip=self.handout_step.unneeded_slots())
+
+    def sees(self, path: str) -> bool:
+        """Whether this process sees the file the driver just made (same node or a shared
+        file system): then it writes its checkpoint parts itself."""
+        return os.path.isfile(path)
+
+    def save_state(self, request: StatePartRequest) -> StatePartReply:
+        """The entries of ``request.keys`` on the CPU: written to ``request.file`` or sent."""
+        entries = self.store.export(request.keys)
+        if request.file is None:
+            return StatePartReply(entries=entries)
+        torch.save(entries, request.file)
+        return StatePartReply(nbytes=os.path.getsize(request.file))
 
     def import_state(self, state: dict[str, dict[int, Tensors]]) -> None:
-        self.store.load(state, self.device, hosted=set(self.sizes))
+        """Adds a checkpoint part's entries of this pool's clients."""
+        self.store.add(state, self.device, hosted=set(self.sizes))
 
     # ----- for benchmarks ---------------------------------------------------------------
     def peak_rss_mb(self) -> float:

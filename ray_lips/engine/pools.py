@@ -14,11 +14,19 @@ from typing import Any, Protocol
 
 from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig
-from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
+from ray_lips.engine.client_state import EntryInfo
+from ray_lips.engine.messages import (
+    HandoutReply,
+    HandoutRequest,
+    StatePartReply,
+    StatePartRequest,
+    TrainReply,
+    TrainRequest,
+)
 from ray_lips.engine.payload import PoolPayload
 from ray_lips.engine.pool import ClientPool
 
-ClientState = dict[str, dict[int, Tensors]]
+ClientState = dict[str, dict[int, Tensors]]  # slot -> client -> tensors
 
 
 class PoolGroup(Protocol):
@@ -37,9 +45,21 @@ class PoolGroup(Protocol):
 
     def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]: ...
 
-    def export_state(self) -> list[ClientState]: ...
+    def state_index(self) -> list[list[EntryInfo]]:
+        """Each pool's client state entries (what a checkpoint must hold), with sizes."""
+        ...
 
-    def import_state(self, states: list[ClientState]) -> None: ...
+    def sees(self, path: str) -> list[bool]:
+        """Whether each pool sees the file at ``path`` (and so can write beside it)."""
+        ...
+
+    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
+        """Pool i writes or sends the entries ``requests[i]`` names: one checkpoint part."""
+        ...
+
+    def import_state(self, states: list[ClientState]) -> None:
+        """Adds ``states[i]``'s entries to pool i (of its own clients)."""
+        ...
 
     def stats(self) -> list[dict[str, float]]: ...
 
@@ -76,8 +96,15 @@ class LocalPools:
     def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
         return [pool.finetune(round_idx, epochs) for pool in self.pools]
 
-    def export_state(self) -> list[ClientState]:
-        return [pool.export_state() for pool in self.pools]
+    def state_index(self) -> list[list[EntryInfo]]:
+        return [pool.state_index() for pool in self.pools]
+
+    def sees(self, path: str) -> list[bool]:
+        return [pool.sees(path) for pool in self.pools]
+
+    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
+        return [pool.save_state(request)
+                for pool, request in zip(self.pools, requests, strict=True)]
 
     def import_state(self, states: list[ClientState]) -> None:
         for pool, state in zip(self.pools, states, strict=True):

@@ -15,7 +15,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
-from ray_lips.engine.messages import HandoutReply, HandoutRequest, TrainReply, TrainRequest
+from ray_lips.engine.client_state import EntryInfo
+from ray_lips.engine.messages import (
+    HandoutReply,
+    HandoutRequest,
+    StatePartReply,
+    StatePartRequest,
+    TrainReply,
+    TrainRequest,
+)
 from ray_lips.engine.payload import DatasetArrays, PoolPayload
 from ray_lips.engine.pool import ClientPool
 from ray_lips.engine.pools import ClientState
@@ -190,8 +198,16 @@ class RayPools:
         return self._get([a.finetune.remote(round_idx, epochs) for a in self.actors],
                          "fine-tuning")
 
-    def export_state(self) -> list[ClientState]:
-        return self._get([a.export_state.remote() for a in self.actors], "state export")
+    def state_index(self) -> list[list[EntryInfo]]:
+        return self._get([a.state_index.remote() for a in self.actors], "state index")
+
+    def sees(self, path: str) -> list[bool]:
+        return self._get([a.sees.remote(path) for a in self.actors], "checkpoint folder check")
+
+    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
+        return self._get([actor.save_state.remote(request)
+                          for actor, request in zip(self.actors, requests, strict=True)],
+                         "client state checkpoint")
 
     def import_state(self, states: list[ClientState]) -> None:
         self._get([actor.import_state.remote(state)

@@ -130,13 +130,6 @@ class ClientStore:
                 if int(client) in hosted:
                     self.put(int(client), slot, {k: v.to(device) for k, v in entry.items()})
 
-    def clear(self) -> None:
-        self._memory.clear()
-        self._bytes = 0
-        for path in self._spilled.values():
-            path.unlink(missing_ok=True)
-        self._spilled.clear()
-
     # ----- spilling -----------------------------------------------------------------------
     def _remember(self, key: tuple[str, int], entry: Entry) -> None:
         self._memory[key] = entry

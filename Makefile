@@ -24,5 +24,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## ruff only.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -44,9 +44,8 @@ import pandas as pd
 import yaml
 
 from analysis.methods import ALGORITHMS, LIPS_SECTION, fmt_value, method_of, varying_knobs
+from ray_lips.results import CONFIG_FILE, STATUS_FILE  # the run folder's names, as written
 
-CONFIG_FILE = "config.yaml"
-STATUS_FILE = "status.json"
 TUNE_PARAMS = "params.json"
 TUNE_ERROR = "error.txt"
 TABLES = ("rounds", "layers", "clients")
@@ -74,6 +73,12 @@ class RunFrames:
     rounds: pd.DataFrame
     layers: pd.DataFrame
     clients: pd.DataFrame
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        """``frames["runs"]`` is ``frames.runs`` (likewise rounds, layers, clients)."""
+        if name not in ("runs", *TABLES):
+            raise KeyError(f"{name!r}: the frames are runs, {', '.join(TABLES)}")
+        return getattr(self, name)
 
 
 # ----- finding runs -------------------------------------------------------------------------
@@ -345,6 +350,24 @@ def add_labels(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs of one setting, method and seed count once: the newest (by its last
+    status update, then run id) stays ``finished``; the others get the status ``duplicate``
+    and name it in ``error``, so tables, paired tests and figures never average them."""
+    if "seed" not in runs or runs.empty:
+        return runs
+    done = runs[runs["status"] == "finished"]
+    order = done.assign(_updated=done["updated"].fillna(pd.Timestamp(0)))
+    order = order.sort_values(["_updated", "run_id"], ascending=False)
+    for _, group in order.groupby(["setting", "method", "seed"], dropna=False, sort=False):
+        kept = group["run_id"].iloc[0]
+        for index in group.index[1:]:
+            runs.loc[index, "status"] = "duplicate"
+            runs.loc[index, "error"] = (f"the same method, setting and seed as {kept}, which "
+                                        "is newer and counts instead")
+    return runs
+
+
 # ----- public loaders --------------------------------------------------------------------------
 def load(paths: PathLike | Iterable[PathLike],
          tables: Iterable[str] = TABLES) -> RunFrames:
@@ -360,7 +383,7 @@ def load(paths: PathLike | Iterable[PathLike],
         for name in wanted:
             if run_tables[name] is not None and not run_tables[name].empty:
                 parts[name].append(run_tables[name].assign(run_id=run_id))
-    runs = add_labels(pd.DataFrame(rows)) if rows else pd.DataFrame(
+    runs = mark_duplicates(add_labels(pd.DataFrame(rows))) if rows else pd.DataFrame(
         columns=["run_id", "path", "status", "error", "setting", "method", "base_method",
                  "algorithm", "handout"])
     for col in [c for c in runs.columns if c.endswith("_best_round")]:

@@ -175,8 +175,9 @@ def not_finished(runs: pd.DataFrame) -> Table:
     return Table(rows[["run_id", "path", "method", "status", "error", "rounds_done",
                        "rounds_total"]].reset_index(drop=True), shown.reset_index(drop=True),
                  "Runs left out of the tables and figures: still running (or stopped without a "
-                 "final status, e.g. by an early-stopping scheduler), failed, diverged or "
-                 "interrupted.")
+                 "final status, e.g. by an early-stopping scheduler), failed, diverged, "
+                 "interrupted, damaged, or a duplicate of a newer run of the same method, "
+                 "setting and seed (each seed counts once).")
 
 
 def _inertia_methods(final: Table, setting: str) -> list[str]:

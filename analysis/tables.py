@@ -147,7 +147,8 @@ class Table:
 def cell_stats(runs: pd.DataFrame, column: str) -> pd.DataFrame:
     """Mean, std (ddof 1) and number of seeds per (setting, method), finished runs only.
 
-    Two finished runs of one cell with the same seed count once (their values are averaged).
+    A seed counts once: of several finished runs of one cell and seed, the loader keeps the
+    newest as ``finished`` and marks the others ``duplicate`` (:func:`mark_duplicates`).
     ``seeds`` counts the finished seeds even where the metric is missing (NaN mean): an
     algorithm without a global model has no ``acc_global`` but its runs did finish.
     """

@@ -124,35 +124,49 @@ def export_workload(config: dict[str, Any], path: Path) -> dict[str, Any]:
 
 # ----- workers (each in its own process tree) -------------------------------------------------
 def serial_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Train every client one after another, then average; ``job["average"]``: ``"float64"``
+    (the benchmark's floor, the default) or ``"fixed"`` (ray-lips's exact fixed-point FedAvg,
+    so that tests can compare the two orchestrations bit for bit). The model runs in the
+    workload's dtype (its initial state's)."""
     import torch
 
     from ray_lips.allocator import keep_buffers_in_heap
     from ray_lips.data.augment import Normalisation
+    from ray_lips.engine.aggregate import FixedSum, add_client, to_state
     from ray_lips.models import build_model
     from ray_lips.seeding import torch_generator
     from ray_lips.training import LocalSettings, local_train
 
+    average = job.get("average", "float64")
+    if average not in ("float64", "fixed"):
+        raise ValueError(f"average: 'float64' or 'fixed', not {average!r}")
     torch.set_num_threads(job["cpus"])
     keep_buffers_in_heap()  # as ray-lips's pools do
     w = torch.load(job["workload"], weights_only=True)
-    model = build_model(w["model"], tuple(w["sample_shape"]), w["num_classes"])
+    state = w["init"]
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    model = build_model(w["model"], tuple(w["sample_shape"]), w["num_classes"]).to(dtype)
     settings = LocalSettings(**w["settings"])
     norm = Normalisation(tuple(w["mean"]), tuple(w["std"]), augment=False)
-    state = w["init"]
     total = sum(int(y.shape[0]) for y in w["y_train"])
     round_ends, round_starts = [], []
     for round_idx in range(w["rounds"]):
         round_starts.append(time.time())
         summed = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+        fixed: FixedSum = {}
         for client, (x, y) in enumerate(zip(w["x_train"], w["y_train"], strict=True)):
             model.load_state_dict(state)
             local_train(model, x, y, settings, norm,
                         torch_generator(w["seed"], "batches", client, round_idx),
                         torch_generator(w["seed"], "augment", client, round_idx))
             weight = y.shape[0] / total
-            for k, v in model.state_dict().items():
-                summed[k] += v.double() * weight
-        state = {k: summed[k].to(v.dtype) for k, v in state.items()}
+            if average == "fixed":
+                add_client(fixed, model.state_dict(), weight, client=client)
+            else:
+                for k, v in model.state_dict().items():
+                    summed[k] += v.double() * weight
+        state = (to_state(fixed, state) if average == "fixed"
+                 else {k: summed[k].to(v.dtype) for k, v in state.items()})
         round_ends.append(time.time())
     torch.save(state, job["final_state"])
     return {"round_ends": round_ends, "round_starts": round_starts,

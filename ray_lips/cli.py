@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -10,7 +13,17 @@ from pathlib import Path
 import click
 
 from ray_lips.config import ConfigError, ExperimentConfig, load_config
-from ray_lips.results import RunLockedError, RunWriter, new_run_dir, run_lock
+from ray_lips.jobpaths import durable_path
+from ray_lips.results import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    ROUNDS_FILE,
+    STATUS_FILE,
+    RunLockedError,
+    RunWriter,
+    new_run_dir,
+    run_lock,
+)
 
 SET_HELP = "Override a config key, e.g. --set train.rounds=10 (repeatable)."
 ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray)."
@@ -21,12 +34,18 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
+def _load(config: str, overrides: tuple[str, ...], quiet: bool = False) -> ExperimentConfig:
+    """The validated config; a ``--set`` that changes more than its own key says so (one
+    line each, unless ``quiet``)."""
+    notes: list[str] = []
     try:
-        return absolute_paths(load_config(config, overrides))
+        cfg = absolute_paths(load_config(config, overrides, notes))
     except ConfigError as err:
         _fail(str(err))
         raise  # unreachable
+    for note in [] if quiet else notes:
+        click.echo(f"note: {note}", err=True)
+    return cfg
 
 
 def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
@@ -43,7 +62,10 @@ def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Relative folders in the config, resolved against where the user stands: Ray's workers
-    start elsewhere (see ``runtime.connect``)."""
+    start elsewhere (see ``runtime.connect``). A relative ``output`` inside a ``ray job submit``
+    job goes below the home folder, not into the job's temporary copy of the working directory
+    (``jobpaths.durable_path``)."""
+    cfg = cfg.model_copy(update={"output": str(durable_path(cfg.output))})  # a plain path
     if not cfg.data.root.startswith("~"):
         cfg.data.root = str(Path(cfg.data.root).resolve())
     if cfg.resources.spill_dir and not cfg.resources.spill_dir.startswith("~"):
@@ -57,13 +79,26 @@ def main() -> None:
     """Federated LIPS and FedAvg experiments on Ray."""
 
 
-def _connect_and_check(cfg: ExperimentConfig, address: str | None, runs: int) -> None:
+def _connect_and_check(cfg: ExperimentConfig, address: str | None) -> None:
+    """Join or start Ray and check that one run of ``cfg`` fits the cluster: exit 2 with one
+    line if not. Called before any run folder is made."""
     from ray_lips.runtime import ClusterError, check_resources, connect
 
-    connect(address, while_starting=["ray_lips.launch"])
     try:
-        check_resources(cfg, concurrent_runs=runs)
+        connect(address, while_starting=["ray_lips.launch"])
+        check_resources(cfg, concurrent_runs=1)
     except ClusterError as err:
+        _fail(str(err))
+    except ConnectionError as err:  # ray.init: no cluster answers at the address
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _fail(f"cannot join the Ray cluster ({first}); check --address or $RAY_ADDRESS")
+
+
+def _lock(stack: contextlib.ExitStack, run_dir: Path) -> None:
+    """Hold ``run_dir``'s run lock until ``stack`` closes; exit 2 if another process has it."""
+    try:
+        stack.enter_context(run_lock(run_dir))
+    except RunLockedError as err:
         _fail(str(err))
 
 
@@ -71,15 +106,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, a scheduler, ``kill``): an interruption like Ctrl+C."""
 
 
+_SIGTERM_SEEN: list[int] = []  # Ray turns an interruption inside ray.get into a bare one
+
+
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    _SIGTERM_SEEN.append(signum)
     raise Terminated("stopped by SIGTERM")
 
 
-def _run_and_report(runs, *, no_ray: bool = False) -> dict:
-    """Run and return the summaries; any failure ends the command with one message naming
-    the run directories and what to do next (no traceback)."""
-    from ray_lips.engine.aggregate import DivergenceError
+Run = tuple[str, ExperimentConfig, Path]  # label, config, run directory
 
+
+def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = False) -> dict:
+    """Run and return the summaries; any failure ends the command with one line saying what
+    failed and, where a resume can help, the command that resumes it (no traceback).
+
+    ``created``: this command made the run folders; those of runs that never trained are
+    removed after a failure that a resume cannot help.
+    """
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         if no_ray:
@@ -90,21 +134,76 @@ def _run_and_report(runs, *, no_ray: bool = False) -> dict:
 
         return run_on_ray(runs)
     except KeyboardInterrupt as err:
-        dirs = " ".join(str(d) for _, _, d in runs)
-        how = str(err) or "interrupted"
-        code = 143 if isinstance(err, Terminated) else 130
-        _fail(f"{how}; resume with: ray-lips run --resume {dirs}", code)
-    except Exception as err:  # noqa: BLE001 - report any failure with the run directory
-        cause = getattr(err, "cause", None) or err
-        for _, _, run_dir in runs:
-            click.echo(f"run directory: {run_dir}", err=True)
-        if isinstance(cause, DivergenceError):
-            hint = (" (resuming would diverge again: start a new run with a lower train.lr, "
-                    "or set train.grad_clip)")
-        else:
-            hint = " (ray-lips run --resume RUN_DIR continues it)"
-        _fail(f"{type(cause).__name__}: {cause}{hint}", 1)
+        terminated = isinstance(err, Terminated) or bool(_SIGTERM_SEEN)
+        how = "stopped by SIGTERM" if terminated else str(err) or "interrupted"
+        code = 143 if terminated else 130
+        _fail(f"{how}; {_resume_hint([d for _, _, d in _unfinished(runs)])}", code)
+    except Exception as err:  # noqa: BLE001 - report any failure in one line
+        _fail(_failure_message(err, runs, created), 1)
     return {}
+
+
+def _failure_message(err: Exception, runs: list[Run], created: bool) -> str:
+    """The line that ends a failed command, after tidying the run folders it leaves."""
+    from ray_lips.engine.aggregate import DivergenceError
+    from ray_lips.launch import error_line, resuming_can_help, root_cause
+
+    cause = root_cause(err)
+    failed = getattr(err, "label", None)  # run_on_ray names the run that failed
+    line = error_line(cause)
+    if failed is not None and len(runs) > 1:
+        line = f"{failed}: {line}"
+    if isinstance(cause, DivergenceError):
+        return (f"{line} (resuming would diverge again: start a new run with a lower "
+                "train.lr, or set train.grad_clip)")
+    if resuming_can_help(cause):
+        return f"{line}; {_resume_hint([d for _, _, d in _unfinished(runs)])}"
+    # Resuming would meet the same error. A run that never trained leaves nothing behind; the
+    # other runs of a compare, stopped with the failed one, can be resumed.
+    stopped = []
+    for label, _, run_dir in _unfinished(runs):
+        if created and _remove_untrained(run_dir):
+            continue
+        if failed is not None and label != failed:
+            stopped.append(run_dir)
+    return f"{line}; {_resume_hint(stopped, 'the others')}" if stopped else line
+
+
+def _status_of(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _unfinished(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if _status_of(run[2]) != "finished"]
+
+
+def _resume_hint(run_dirs: list[Path], what: str = "") -> str:
+    """``resume with: ray-lips run --resume DIR`` (one command a run folder)."""
+    commands = " && ".join(shlex.join(["ray-lips", "run", "--resume", str(run_dir)])
+                           for run_dir in run_dirs)
+    return f"resume {what + ' ' if what else ''}with: {commands}"
+
+
+_CREATED_FILES = (CONFIG_FILE, STATUS_FILE, ".lock")
+
+
+def _remove_untrained(run_dir: Path) -> bool:
+    """Remove a run folder this command made whose run never trained (no round written, no
+    checkpoint): only the files ray-lips wrote there, and the folder if that empties it.
+    Returns whether the folder is gone."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if (run_dir / ROUNDS_FILE).exists() or (
+            checkpoints.is_dir() and not checkpoints.is_symlink() and any(checkpoints.iterdir())):
+        return False
+    for name in _CREATED_FILES:
+        (run_dir / name).unlink(missing_ok=True)  # a planted link is removed, not followed
+    for folder in (checkpoints, run_dir):
+        with contextlib.suppress(OSError):  # kept when not empty (or not a folder)
+            folder.rmdir()
+    return not run_dir.exists()
 
 
 @main.command()
@@ -142,27 +241,25 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             _fail("give a CONFIG file or --resume RUN_DIR")
         cfg = _load(config, overrides)
         _preflight(cfg, uses_ray=not no_ray)
-        run_dir = new_run_dir(cfg)
-        RunWriter(run_dir).write_config(cfg)
-    click.echo(f"run directory: {run_dir}", err=True)
-    try:
-        with run_lock(run_dir):
-            summary = _run_one(cfg, run_dir, address, no_ray)
-    except RunLockedError as err:
-        _fail(str(err))
-    click.echo(_summary_table({_label(cfg): summary}))
+    label = _label(cfg)
+    with contextlib.ExitStack() as stack:
+        if resume_dir:
+            _lock(stack, run_dir)
+        if not no_ray:  # before a run folder is made: a refusal leaves none behind
+            _connect_and_check(cfg, address)
+        if not resume_dir:
+            run_dir = new_run_dir(cfg)
+            RunWriter(run_dir).write_config(cfg)
+            _lock(stack, run_dir)
+        click.echo(f"run directory: {run_dir}", err=True)
+        summary = _run_and_report([(label, cfg, run_dir)], no_ray=no_ray,
+                                  created=not resume_dir)[label]
+    click.echo(_summary_table({label: summary}))
     click.echo(str(run_dir))
 
 
 def _label(cfg: ExperimentConfig) -> str:
     return cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
-
-
-def _run_one(cfg: ExperimentConfig, run_dir: Path, address: str | None,
-             no_ray: bool) -> dict:
-    if not no_ray:
-        _connect_and_check(cfg, address, runs=1)
-    return _run_and_report([(_label(cfg), cfg, run_dir)], no_ray=no_ray)[_label(cfg)]
 
 
 def _fmt(value: float) -> str:
@@ -184,7 +281,9 @@ def _summary_table(summaries: dict[str, dict]) -> str:
         ("acc_finetune_bnrecal (client mean)", "acc_finetune_bnrecal_mean"),
         ("seconds per round", "seconds_per_round"),
     ]
-    pairs = [(lbl, _baseline_of(lbl)) for lbl in labels if _baseline_of(lbl) in summaries]
+    # a gain needs a baseline other than the method itself among the runs
+    pairs = [(lbl, base) for lbl in labels
+             if (base := _baseline_of(lbl)) != lbl and base in summaries]
     width = max(12, *(len(lbl) + 2 for lbl in labels))
     header = f"{'metric':44s}" + "".join(f"{lbl:>{width}s}" for lbl in labels)
     header += "".join(f"{'gain ' + lbl:>{width + 5}s}" for lbl, _ in pairs)
@@ -229,35 +328,64 @@ def _baseline_of(method: str) -> str:
                    "LIPS hand-out, or lips (= fedavg+lips).")
 def compare(config: str, overrides: tuple[str, ...], address: str | None,
             methods: str) -> None:
-    """Run CONFIG once per method (same seed, same data) concurrently and compare them."""
+    """Run CONFIG once per method (same seed, same data) and compare them: as many at a time
+    as the cluster holds, the others queued until one finishes."""
     base = _load(config, overrides)
     _preflight(base)
-    runs = []
-    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+    asked = [m.strip() for m in methods.split(",") if m.strip()]
+    if not asked:
+        _fail("--algorithms: name at least one method, e.g. --algorithms fedavg,lips")
+    cfgs: dict[str, ExperimentConfig] = {}  # by the label run folders and reports use too
+    for method in asked:
         algorithm, handout = _method_keys(method)
-        cfg = _load(config, (*overrides, f"algorithm={algorithm}", f"handout={handout}"))
-        run_dir = new_run_dir(cfg)
-        RunWriter(run_dir).write_config(cfg)
-        runs.append((method, cfg, run_dir))
-    _connect_and_check(base, address, runs=len(runs))
-    summaries = _run_and_report(runs)
+        cfg = _load(config, (*overrides, f"algorithm={algorithm}", f"handout={handout}"),
+                    quiet=True)
+        cfgs.setdefault(_label(cfg), cfg)  # ``lips`` and ``fedavg+lips`` are one method
+    labels = list(cfgs)
+    _connect_and_check(base, address)  # one run must fit; the others wait their turn
+    import ray
+
+    from ray_lips.launch import runs_at_once
+
+    at_once = runs_at_once(list(cfgs.values()), ray.cluster_resources())
+    click.echo(f"compare: {len(labels)} run(s), "
+               + (f"{at_once} at a time on this cluster" if at_once < len(labels)
+                  else "all at once"), err=True)
+    runs: list[Run] = []
+    with contextlib.ExitStack() as stack:
+        for method, cfg in cfgs.items():
+            run_dir = new_run_dir(cfg)
+            RunWriter(run_dir).write_config(cfg)
+            _lock(stack, run_dir)
+            runs.append((method, cfg, run_dir))
+            click.echo(f"run directory ({method}): {run_dir}", err=True)
+        summaries = _run_and_report(runs, created=True)
     click.echo("")
     click.echo(_summary_table(summaries))
     for label, _, run_dir in runs:
         click.echo(f"{label:>12s}: {run_dir}")
-    figure = _inertia_figure([d for _, _, d in runs])
+    figure = _inertia_figure(runs)
     if figure:
         click.echo(f"inertia figure: {figure}")
 
 
-def _inertia_figure(run_dirs: list[Path]) -> Path | None:
+def _figure_path(runs: list[Run]) -> Path:
+    """Beside the compared runs, named after the first run's folder with ``compare`` for its
+    method (``demo_compare_s0_20250101-120000_inertia.png``): each compare its own figure."""
+    _, cfg, run_dir = runs[0]
+    prefix = f"{cfg.name}_{_label(cfg)}_"
+    name = run_dir.name
+    stem = (f"{cfg.name}_compare_{name[len(prefix):]}" if name.startswith(prefix) else name)
+    return run_dir.parent / f"{stem}_inertia.png"
+
+
+def _inertia_figure(runs: list[Run]) -> Path | None:
     """Draw the layer-wise inertia figure when the analysis package is available."""
     try:
         from analysis.figures import inertia_figure  # noqa: PLC0415
     except ImportError:
         return None
-    out = Path(run_dirs[0]).parent / "inertia.png"
-    return inertia_figure(run_dirs, out)
+    return inertia_figure([run_dir for _, _, run_dir in runs], _figure_path(runs))
 
 
 def _register_subcommands() -> None:

@@ -124,6 +124,10 @@ class ResourcesConfig(_Strict):
     pools: int = Field(2, ge=1)
     cpus_per_pool: float = Field(1, gt=0)
     gpus_per_pool: float = Field(0, ge=0)
+    # Where pools train: ``auto`` is CUDA when gpus_per_pool > 0 (a run stops if torch sees no
+    # CUDA device there) and the CPU otherwise; ``cpu`` always trains on the CPU, even on GPUs
+    # Ray has reserved (logical GPUs, or to compare with a GPU run); ``cuda`` requires CUDA.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     driver_cpus: float = Field(0, ge=0)
     timeout_s: float = Field(3600, gt=0)  # the longest any one step may take
     # A pool whose call takes hang_factor x the slowest earlier call of the same kind (at least
@@ -322,8 +326,21 @@ def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
-    """Return a copy of ``tree`` with ``key=value`` overrides applied."""
+def _names_lips(tree: dict[str, Any]) -> bool:
+    """Whether a config tree asks for the LIPS hand-out (explicitly, by the ``lips``
+    shorthand, or by naming neither ``algorithm`` nor ``handout``)."""
+    algorithm, handout = tree.get("algorithm"), tree.get("handout")
+    return handout == "lips" or algorithm == "lips" or (algorithm is None and handout is None)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    notes: list[str] | None = None) -> dict:
+    """Return a copy of ``tree`` with ``key=value`` overrides applied.
+
+    ``--set algorithm=X`` alone means X with the dense hand-out, as a sweep variant does; when
+    that drops the config's LIPS hand-out, a one-line note saying so goes to ``notes``.
+    ``--set handout=...`` on an ``algorithm: lips`` config replaces the shorthand's hand-out.
+    """
     tree = copy.deepcopy(tree)
     parsed = {}
     for item in overrides:
@@ -331,7 +348,18 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         parsed[key.strip()] = parse_value(raw)
+    if "handout" in parsed and "algorithm" not in parsed and tree.get("algorithm") == "lips":
+        tree["algorithm"] = "fedavg"  # the shorthand was FedAvg + LIPS; the hand-out is set now
+    drops_lips = ("algorithm" in parsed and "handout" not in parsed
+                  and parsed["algorithm"] != "lips" and _names_lips(tree))
     set_keys(tree, parsed)
+    if drops_lips and notes is not None:
+        algorithm = parsed["algorithm"]
+        keep = (f"; add --set handout=lips to keep LIPS ({algorithm}+lips)"
+                if algorithm in SPARSE_HANDOUT_ALGORITHMS else
+                f" ({algorithm} does not compose with LIPS)")
+        notes.append(f"--set algorithm={algorithm}: the config's LIPS hand-out is dropped, "
+                     f"this run is dense {algorithm}{keep}")
     return tree
 
 
@@ -357,6 +385,14 @@ def validate_config(tree: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(_format_error(err)) from None
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -364,7 +400,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if tree is None or tree == {}:
         raise ConfigError(f"{path}: the config file is empty; write at least the keys that "
                           "differ from the defaults (see sweeps/quickstart.yaml)")
@@ -373,8 +409,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a run config (a sweep spec's `sweep` section is ignored) and apply overrides."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                notes: list[str] | None = None) -> ExperimentConfig:
+    """Read a run config (a sweep spec's `sweep` section is ignored) and apply overrides;
+    what an override changed beyond its own key goes to ``notes``."""
     tree = read_yaml(path)
     tree.pop("sweep", None)  # a sweep spec is a run config plus a `sweep` section
-    return validate_config(apply_overrides(tree, overrides))
+    return validate_config(apply_overrides(tree, overrides, notes))

@@ -1,22 +1,33 @@
-"""Running experiments on Ray from the command line: driver actors, progress, failures."""
+"""Running experiments on Ray from the command line: driver actors, a queue of runs that fit the
+cluster, progress, and failures told in one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_lips.config import ExperimentConfig
+from ray_lips.config import ConfigError, ExperimentConfig
 from ray_lips.engine.aggregate import DivergenceError
 from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.ray_pools import PoolLostError, RayPoolFactory, start_pool_actors
+from ray_lips.engine.pools import PoolFactory
+from ray_lips.engine.ray_pools import (
+    CallTimes,
+    PoolLostError,
+    PoolStartError,
+    RayPoolFactory,
+    start_pool_actors,
+)
 from ray_lips.results import RunWriter
 
 
@@ -52,19 +63,117 @@ class Progress:
         print(line, end=end, file=self.stream, flush=True)
 
 
-def start_driver(cfg: ExperimentConfig, run_dir: Path) -> tuple[Any, list[Any]]:
+# ----- errors in one line ------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$")
+
+
+class RunFailedError(RuntimeError):
+    """One of the runs of ``run_on_ray`` failed (the others were stopped): ``label`` names it,
+    ``cause`` is what it raised, out of Ray's wrappers."""
+
+    def __init__(self, label: str, cause: BaseException):
+        super().__init__(f"{label}: {error_line(cause)}")
+        self.label, self.cause = label, cause
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception that user code, the data or the engine raised, out of Ray's wrappers
+    (``RayTaskError.cause``, however deep the actors that passed it on)."""
+    for _ in range(32):  # a chain of wrappers is short; never loop on a cyclic one
+        cause = getattr(err, "cause", None)
+        if not isinstance(err, ray.exceptions.RayTaskError | RunFailedError) or \
+                not isinstance(cause, BaseException) or cause is err:
+            return err
+        err = cause
+    return err
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as the one line a user reads: its type and the first line of its message,
+    without Ray's tracebacks or colour codes. A ``ConfigError`` already names the key, and an
+    actor that failed in its constructor is told by the exception that failed it."""
+    err = root_cause(err)
+    text = _ANSI.sub("", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    name = type(err).__name__
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+        # Ray keeps only the text of the constructor's traceback: its last line is the error
+        found = _EXCEPTION_LINE.match(lines[-1]) if lines else None
+        if found:
+            kind, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
+            return message if kind == ConfigError.__name__ else f"{kind}: {message}"
+    elif isinstance(err, ray.exceptions.RayActorError) and len(lines) > 1:
+        return f"{name}: {lines[0]} {lines[-1]}"  # the last line says why the actor died
+    if isinstance(err, ConfigError) and lines:
+        return lines[0]
+    return f"{name}: {lines[0]}" if lines else name
+
+
+# Failures of the machinery rather than of the run's code, data or config: after them a
+# ``--resume`` goes on from the last checkpoint.
+_RESUMABLE_RAY_ERRORS = (
+    ray.exceptions.GetTimeoutError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.OutOfDiskError,
+    ray.exceptions.ObjectStoreFullError,
+    ray.exceptions.RaySystemError,
+)
+
+
+def resuming_can_help(err: BaseException) -> bool:
+    """Whether ``ray-lips run --resume`` can go on after ``err``: an interruption, pools lost
+    or hung past their restarts, a timeout, a dead node or worker, a full disk. Not after an
+    error in the user's code, data or config, nor a damaged or refused checkpoint, which a
+    resume would meet again."""
+    err = root_cause(err)
+    if isinstance(err, (KeyboardInterrupt, PoolLostError, PoolStartError,
+                        *_RESUMABLE_RAY_ERRORS)):
+        return True
+    if isinstance(err, ray.exceptions.RayActorError):
+        return not err.actor_init_failed
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# ----- driver actors -------------------------------------------------------------------------
+class DriverActor(FederatedRun):
+    """``FederatedRun`` as a Ray actor that builds the run in ``start``, not in its constructor.
+
+    An error while building (the user's dataset or model, a pool's setup, a refused checkpoint)
+    then comes back as ``start``'s error holding the original exception; an actor whose
+    constructor fails dies, Ray keeps only the text of its traceback, and the worker prints it
+    once more into the command's output.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, make_pools: PoolFactory):
+        self._start_args = (cfg, run_dir, make_pools)  # the run itself is built by ``start``
+
+    def start(self) -> int:
+        """Load the data, build the model, fill the pools and restore the latest checkpoint;
+        returns the rounds already done."""
+        FederatedRun.__init__(self, *self._start_args)
+        return self.round
+
+
+def start_driver(cfg: ExperimentConfig, run_dir: Path,
+                 times: CallTimes | None = None) -> tuple[Any, list[Any]]:
     """The driver actor, pinned to this node so the run directory is on this machine's disk,
     and its pool actors. Both start at once, so the pools' processes load torch while the
-    driver's does; the pools are the driver's to fill and close, and ``_stop`` kills them
-    with it."""
-    driver_cls = ray.remote(FederatedRun)
+    driver's does; the pools are the driver's to fill (its ``start``) and close, and ``_stop``
+    kills them with it."""
+    driver_cls = ray.remote(DriverActor)
     node = ray.get_runtime_context().get_node_id()
     driver = driver_cls.options(
         num_cpus=cfg.resources.driver_cpus,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
     )
     pools = start_pool_actors(cfg, cfg.resources)
-    factory = RayPoolFactory(cfg.resources, started=pools)
+    # ``times``: the pool calls timed before a restart, which bound the new pools' first calls
+    factory = RayPoolFactory(cfg.resources, started=pools, times=times)
     return driver.remote(cfg, str(run_dir), factory), pools
 
 
@@ -77,8 +186,11 @@ def _failure_status(err: BaseException) -> str:
 
 
 def _restartable(err: BaseException) -> bool:
-    """A pool (or the driver actor) died or hung: the run can go on from its checkpoint."""
-    return isinstance(err, PoolLostError | ray.exceptions.RayActorError)
+    """A pool (or the driver actor) died or hung, or the driver did not answer within
+    ``resources.timeout_s``: the run can go on from its checkpoint."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return not err.actor_init_failed  # a constructor that failed would fail again
+    return isinstance(err, PoolLostError | ray.exceptions.GetTimeoutError)
 
 
 def _stop(driver: Any, pools: list[Any], wait_s: float = 10.0) -> None:
@@ -91,6 +203,40 @@ def _stop(driver: Any, pools: list[Any], wait_s: float = 10.0) -> None:
         ray.get(driver.summary.remote(), timeout=wait_s)
 
 
+# ----- several runs on one cluster -----------------------------------------------------------
+@dataclass(frozen=True)
+class RunNeed:
+    """What one run holds while it runs: its pools' CPUs and GPUs and its driver's CPUs."""
+
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> RunNeed:
+        res = cfg.resources
+        return cls(res.pools * res.cpus_per_pool + res.driver_cpus,
+                   res.pools * res.gpus_per_pool)
+
+
+def _fits(needs: list[RunNeed], total: Mapping[str, float]) -> bool:
+    return (sum(n.cpus for n in needs) <= total.get("CPU", 0.0) + 1e-9
+            and sum(n.gpus for n in needs) <= total.get("GPU", 0.0) + 1e-9)
+
+
+def runs_at_once(cfgs: list[ExperimentConfig], total: Mapping[str, float]) -> int:
+    """How many of ``cfgs``, started in order as the earlier ones finish, run at the same
+    time at most on a cluster of ``total`` resources (``ray.cluster_resources()``); at least
+    one. Runs of the same resources run ``total // need`` at a time."""
+    needs = [RunNeed.of(cfg) for cfg in cfgs]
+    most = 1
+    for first in range(len(needs)):
+        count = 1
+        while first + count < len(needs) and _fits(needs[first:first + count + 1], total):
+            count += 1
+        most = max(most, count)
+    return min(most, len(needs))
+
+
 class _Runs:
     """The driver actors of several runs, each restarted from its last checkpoint when one of
     its pools dies or hangs (at most ``resources.pool_restarts`` times)."""
@@ -100,97 +246,130 @@ class _Runs:
         self.dirs = {label: run_dir for label, _, run_dir in runs}
         self.drivers: dict[str, Any] = {}
         self.pools: dict[str, list[Any]] = {}
-        for label, cfg, run_dir in runs:
-            self.drivers[label], self.pools[label] = start_driver(cfg, run_dir)
         self.restarts = dict.fromkeys(self.cfgs, 0)
+        self.times: dict[str, CallTimes] = {}  # pool calls timed before a run's restart
         self.timeout = max(cfg.resources.timeout_s for cfg in self.cfgs.values())
         self.stream = stream
 
-    def call(self, labels: list[str], method: str) -> dict[str, Any]:
-        """``method`` on the given runs' drivers at once; a run whose driver had to restart is
-        missing from the answer (it goes on from its checkpoint)."""
-        refs = {lbl: getattr(self.drivers[lbl], method).remote() for lbl in labels}
+    def start(self, label: str) -> None:
+        """Start the run's driver and pools; its ``start`` call builds the run."""
+        self.drivers[label], self.pools[label] = start_driver(
+            self.cfgs[label], self.dirs[label], self.times.get(label))
+
+    def call(self, calls: dict[str, str]) -> dict[str, Any]:
+        """Each run's method (``calls``: label -> method) on its driver, all at once. A run
+        whose driver had to restart is missing from the answer (it starts again from its
+        checkpoint); a run that cannot go on raises ``RunFailedError``."""
+        refs = {lbl: getattr(self.drivers[lbl], method).remote() for lbl, method in calls.items()}
         answers = {}
         for lbl, ref in refs.items():
             try:
                 answers[lbl] = ray.get(ref, timeout=self.timeout)
             except Exception as err:
-                cause = getattr(err, "cause", None) or err
+                cause = root_cause(err)
                 limit = self.cfgs[lbl].resources.pool_restarts
                 if not _restartable(cause) or self.restarts[lbl] >= limit:
-                    raise
+                    raise RunFailedError(lbl, cause) from None
                 self.restarts[lbl] += 1
-                self.restart(lbl, f"{type(cause).__name__}: {cause}", limit)
+                if isinstance(cause, PoolLostError) and cause.times is not None:
+                    self.times[lbl] = cause.times
+                self.restart(lbl, error_line(cause), limit)
         return answers
 
     def restart(self, label: str, reason: str, limit: int) -> None:
-        _stop(self.drivers[label], self.pools[label])
+        self.stop(label, close=False, wait_s=10.0)
         print(f"[{label}] {reason}", file=self.stream, flush=True)
         print(f"[{label}] restarting its pools from the last checkpoint (restart "
               f"{self.restarts[label]} of resources.pool_restarts {limit})",
               file=self.stream, flush=True)
-        self.drivers[label], self.pools[label] = start_driver(self.cfgs[label],
-                                                              self.dirs[label])
+        self.start(label)
 
-    def rounds_done(self, labels: list[str]) -> dict[str, int]:
-        summaries = ray.get([self.drivers[lbl].summary.remote() for lbl in labels],
-                            timeout=self.timeout)
-        return {lbl: s["rounds_done"] for lbl, s in zip(labels, summaries, strict=True)}
+    def stop(self, label: str, close: bool, wait_s: float) -> None:
+        """End one run's driver and pools; ``close`` lets the driver close its pools first."""
+        driver, pools = self.drivers.pop(label), self.pools.pop(label)
+        if close:
+            with contextlib.suppress(Exception):  # best effort: the actor may be gone
+                ray.get(driver.close.remote(), timeout=60)
+        _stop(driver, pools, wait_s=wait_s)
 
     def stop_all(self, interrupted: bool) -> None:
         """After success or a failure the drivers close their pools; after an interruption
         there is no waiting for the round in flight: they are killed."""
-        for label, driver in self.drivers.items():
-            if not interrupted:
-                with contextlib.suppress(Exception):  # best effort: the actor may be gone
-                    ray.get(driver.close.remote(), timeout=60)
-            _stop(driver, self.pools[label], wait_s=10.0 if interrupted else 1.0)
+        for label in list(self.drivers):
+            self.stop(label, close=not interrupted, wait_s=10.0 if interrupted else 1.0)
+
+    def run(self, on_round: Callable[[str, dict], None] | None) -> dict[str, dict[str, Any]]:
+        """Start as many runs as the cluster holds, advance the started ones a round at a time
+        together, and start the next queued run as one finishes; returns their summaries."""
+        total = ray.cluster_resources()
+        queue = list(self.cfgs)
+        running: list[str] = []
+        next_call: dict[str, str] = {}
+        done: dict[str, int] = {}
+        progress: dict[str, Progress] = {}
+        started: dict[str, float] = {}
+        summaries: dict[str, dict[str, Any]] = {}
+        while queue or running:
+            while queue and (not running or _fits(
+                    [RunNeed.of(self.cfgs[lbl]) for lbl in (*running, queue[0])], total)):
+                label = queue.pop(0)
+                self.start(label)
+                running.append(label)
+                next_call[label] = "start"
+            answers = self.call({lbl: next_call[lbl] for lbl in running})
+            for lbl in list(running):
+                if lbl not in answers:  # restarted: it starts again from its checkpoint
+                    next_call[lbl] = "start"
+                    continue
+                rounds = self.cfgs[lbl].train.rounds
+                if next_call[lbl] == "start":
+                    done[lbl] = answers[lbl]
+                    if lbl not in progress:
+                        progress[lbl] = Progress(lbl, rounds, self.stream, already_done=done[lbl])
+                        started[lbl] = time.perf_counter()
+                elif next_call[lbl] == "run_round":
+                    done[lbl] += 1
+                    progress[lbl].update(answers[lbl], time.perf_counter() - started[lbl],
+                                         done[lbl])
+                    if on_round:
+                        on_round(lbl, answers[lbl])
+                else:  # finished: its resources go to the next run in the queue
+                    summaries[lbl] = answers[lbl]
+                    running.remove(lbl)
+                    self.stop(lbl, close=True, wait_s=1.0)
+                    continue
+                next_call[lbl] = "run_round" if done[lbl] < rounds else "finish"
+        return {lbl: summaries[lbl] for lbl in self.cfgs}
 
 
 def run_on_ray(runs: list[tuple[str, ExperimentConfig, Path]],
-               on_round: Callable[[str, dict], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Advance several runs in lockstep, each with its own driver actor; return their summaries.
+               on_round: Callable[[str, dict], None] | None = None,
+               stream=sys.stderr) -> dict[str, dict[str, Any]]:
+    """Run several runs, each with its own driver actor, as many at a time as the cluster
+    holds (the rest wait their turn); return their summaries.
 
-    On any failure every run's status file records why, and the runs can be resumed.
+    On any failure every unfinished run's status file records why in one line (the run that
+    failed: ``failed`` or ``diverged``; the others, stopped with it: ``interrupted``), and a
+    ``RunFailedError`` names the run that failed.
     """
     writers = {label: RunWriter(run_dir) for label, _, run_dir in runs}
-    fleet: _Runs | None = None
-    interrupted = False
+    fleet = _Runs(runs, stream)
     try:
-        fleet = _Runs(runs)
-        labels = list(fleet.cfgs)
-        rounds = {lbl: fleet.cfgs[lbl].train.rounds for lbl in labels}
-        done = fleet.rounds_done(labels)
-        progress = {lbl: Progress(lbl, rounds[lbl], already_done=done[lbl]) for lbl in labels}
-        started = time.perf_counter()
-        summaries: dict[str, dict[str, Any]] = {}
-        while len(summaries) < len(labels):
-            active = [lbl for lbl in labels if done[lbl] < rounds[lbl]]
-            if not active:  # a run restarted during "finish" resumes at its end, finishes again
-                waiting = [lbl for lbl in labels if lbl not in summaries]
-                summaries.update(fleet.call(waiting, "finish"))
-            else:
-                rows = fleet.call(active, "run_round")
-                for lbl in active:
-                    if lbl not in rows:  # restarted: it goes on from its checkpoint
-                        done.update(fleet.rounds_done([lbl]))
-                        continue
-                    done[lbl] += 1
-                    progress[lbl].update(rows[lbl], time.perf_counter() - started, done[lbl])
-                    if on_round:
-                        on_round(lbl, rows[lbl])
-        return {lbl: summaries[lbl] for lbl in labels}
+        return fleet.run(on_round)
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt)
-        cause = getattr(err, "cause", None) or err
-        if fleet is not None:
-            fleet.stop_all(interrupted)
-            fleet = None
-        for writer in writers.values():
-            if writer.read_status().get("status") != "finished":
-                writer.write_status(_failure_status(cause), error=f"{type(cause).__name__}: "
-                                    f"{cause}")
+        fleet.stop_all(interrupted)
+        failed = err.label if isinstance(err, RunFailedError) else None
+        cause = root_cause(err)
+        for label, writer in writers.items():
+            if writer.read_status().get("status") == "finished":
+                continue
+            # write_end: as well as the disk allows, so the error reported stays this one
+            if failed is None or label == failed:
+                writer.write_end(_failure_status(cause), cause, error_line(cause))
+            else:
+                writer.write_end("interrupted", cause, f"stopped because run {failed} "
+                                 f"failed: {error_line(cause)}")
         raise
     finally:
-        if fleet is not None:
-            fleet.stop_all(interrupted)
+        fleet.stop_all(interrupted=True)  # nothing is left after the paths above; a guard

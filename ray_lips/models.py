@@ -238,8 +238,10 @@ def build_user_model(path: str, sample_shape: tuple[int, ...], num_classes: int)
             model.eval()
             out = model(torch.zeros((2, *shape)))
     except Exception as err:  # noqa: BLE001 - the forward pass failed: say how, in one line
+        hint = (f" (samples of shape {shape} are read as (C, L) signals; for a 2-D model "
+                "give x as (N, C, H, W), e.g. x[:, None])" if len(shape) == 2 else "")
         raise ConfigError(f"{call}: a forward pass on a batch of shape {(2, *shape)} failed: "
-                          f"{_one_line(err)}") from None
+                          f"{_one_line(err)}{hint}") from None
     finally:
         model.train()
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):

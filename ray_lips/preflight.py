@@ -1,5 +1,6 @@
-"""Checks made on the user's machine before any Ray work: files a run will need, folders it will
-write, and data requests that will be met by reusing samples.
+"""Checks made on the user's machine before any Ray work: files a run will need (and the values
+and images in a dataset of the user's), folders it will write, and data requests that will be
+met by reusing samples.
 
 Each failure is a ``ConfigError`` naming the key; each caveat is a one-line warning.
 """
@@ -59,6 +60,14 @@ def check_dataset_files(cfg: ExperimentConfig) -> None:
                 f"{root}")
 
 
+def check_dataset_contents(cfg: ExperimentConfig) -> None:
+    """A ``.npz`` dataset's values and an image folder's images, read once here: a NaN or a
+    damaged image would otherwise stop the run only when the driver loads the data on Ray."""
+    from ray_lips.data.byo import check_contents
+
+    check_contents(cfg.data)
+
+
 def _download_cifar(dataset: str, root: Path) -> None:
     from torchvision import datasets
 
@@ -105,5 +114,6 @@ def check_before_ray(cfg: ExperimentConfig, uses_ray: bool = True) -> list[str]:
     if uses_ray:
         check_user_modules(cfg)
     check_dataset_files(cfg)
+    check_dataset_contents(cfg)
     warning = sample_reuse_warning(cfg)
     return [warning] if warning else []

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,11 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     """Join ``address`` (or $RAY_ADDRESS); otherwise start a private local Ray.
 
     A bare ``ray.init()`` would join whatever /tmp/ray/ray_current_cluster names, even a
-    dead one, so the local case always asks for ``address="local"``. Token authentication, when
-    the cluster uses it, is picked up by Ray from $RAY_AUTH_TOKEN or ~/.ray/auth_token.
+    dead one, so the local case always asks for ``address="local"``. Token authentication stays
+    on in both cases: the cluster's token is found where Ray looks for it ($RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) without the user exporting RAY_AUTH_MODE, and a
+    cluster that refuses us ends in a one-line ``ClusterError`` within seconds
+    (``check_cluster_auth``).
 
     ``while_starting``: modules to import in a background thread meanwhile. Most of Ray's
     start is waiting for its daemons, so torch and the engine load in that time (about 3 s
@@ -40,17 +44,153 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return "existing"
+    if address:
+        check_cluster_auth(address)
+    elif AUTH_MODE_ENV not in os.environ:
+        _use_token_auth()  # what Ray does for a new local Ray, without its opt-out banner
     importer = _import_in_background(while_starting)
     try:
         with _workers_ignore_working_dir():
             if address:
-                ray.init(address=address, log_to_driver=True)
+                _join(address)
                 return address
             ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
                      **PRIVATE_RAY_OPTIONS)
         return "local"
     finally:
         importer.join(timeout=_IMPORT_WAIT_S)
+
+
+def _join(address: str) -> None:
+    """``ray.init`` on a cluster; its connection and token errors as one-line ClusterErrors."""
+    from ray.exceptions import AuthenticationError  # noqa: PLC0415
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except AuthenticationError as err:
+        raise ClusterError(f"the Ray cluster at {address}: {err.message}; {_TOKEN_HINT}") from None
+    except ConnectionError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ClusterError(f"cannot join the Ray cluster at {address} ({first}); check "
+                           "--address or $RAY_ADDRESS and that `ray start --head` runs "
+                           "there") from None
+
+
+# ----- token authentication -------------------------------------------------------------------
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_PROBE_TIMEOUT_S = 5.0  # one answer from the cluster's GCS
+_REACH_TIMEOUT_S = 10.0  # retries while the GCS does not answer at all (a head still starting)
+_TOKEN_HINT = ("copy the head node's ~/.ray/auth_token to ~/.ray/auth_token on this machine, "
+               "or export RAY_AUTH_TOKEN=<token> (`ray get-auth-token` on the head prints it)")
+
+
+def _use_token_auth() -> None:
+    """Token authentication for this process and the Ray processes it starts: what Ray itself
+    does on ``ray.init``, where it also logs that RAY_AUTH_MODE=disabled would opt out."""
+    from ray._raylet import Config  # noqa: PLC0415 - Ray caches the mode: refresh it
+
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")
+
+
+def _token_source() -> str:
+    """Where Ray reads the token from, in its own order of precedence."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "$RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"$RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    return str(Path.home() / ".ray" / "auth_token")
+
+
+def _token_metadata() -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata that carries this machine's token; empty when it has none."""
+    from ray._raylet import AuthenticationTokenLoader  # noqa: PLC0415
+    from ray.exceptions import AuthenticationError  # noqa: PLC0415
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # the environment may have changed since Ray last looked
+    try:
+        return tuple(loader.get_token_for_http_header(ignore_auth_mode=True).items())
+    except AuthenticationError as err:  # e.g. RAY_AUTH_TOKEN_PATH names a missing file
+        raise ClusterError(f"{err.message}; {_TOKEN_HINT}") from None
+
+
+def _gcs_address(address: str) -> str | None:
+    """``host:port`` of a cluster's GCS, or None for addresses Ray resolves itself (``auto``,
+    ``ray://`` clients)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return None
+    return address
+
+
+def _probe(gcs: str, metadata: tuple[tuple[str, str], ...]) -> str:
+    """Ask the GCS for its cluster id: ``ok``, ``refused`` (the token is missing or wrong),
+    ``unreachable``, or ``unknown`` (an answer that says nothing about the token)."""
+    import grpc  # noqa: PLC0415
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc  # noqa: PLC0415
+
+    deadline = time.monotonic() + _REACH_TIMEOUT_S
+    while True:
+        with grpc.insecure_channel(gcs) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            try:
+                stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(),
+                                  timeout=_PROBE_TIMEOUT_S, metadata=metadata)
+                return "ok"
+            except grpc.RpcError as err:
+                code = err.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return "refused"
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return "unknown"
+        if time.monotonic() >= deadline:
+            return "unreachable"
+        time.sleep(0.5)
+
+
+def check_cluster_auth(address: str) -> None:
+    """Make this process present the cluster's token when the cluster wants one, or raise a
+    one-line ClusterError saying what to do, within seconds (``ray.init`` would retry an
+    unauthenticated connection for 20 s, then print a traceback).
+
+    Ray 2.60 sends the token only when RAY_AUTH_MODE=token. Without that variable this asks the
+    cluster first (no token), and turns token mode on only for a cluster that wants one: in
+    token mode this driver's own server would refuse a cluster that sends none. An explicit
+    RAY_AUTH_MODE is respected. Nothing here turns authentication off.
+    """
+    gcs = _gcs_address(address)
+    if gcs is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return  # Ray resolves or encrypts these itself; its own errors apply
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is not None and mode.lower() != "token":
+        if _answer(gcs, ()) == "refused":
+            raise ClusterError(
+                f"the Ray cluster at {gcs} requires its authentication token, but "
+                f"{AUTH_MODE_ENV}={mode} is set here: unset it (ray-lips then sends the token "
+                "from ~/.ray/auth_token or $RAY_AUTH_TOKEN by itself)")
+        return
+    if mode is None and _answer(gcs, ()) != "refused":
+        return  # a cluster without token authentication (or one Ray explains itself)
+    metadata = _token_metadata()
+    if not metadata:
+        raise ClusterError(f"the Ray cluster at {gcs} requires an authentication token and "
+                           f"this machine has none: {_TOKEN_HINT}")
+    if _answer(gcs, metadata) == "refused":
+        raise ClusterError(f"the Ray cluster at {gcs} refused the authentication token from "
+                           f"{_token_source()}: use the head node's token; {_TOKEN_HINT}")
+    if mode is None:
+        _use_token_auth()
+
+
+def _answer(gcs: str, metadata: tuple[tuple[str, str], ...]) -> str:
+    """``_probe``, with an unreachable cluster as a ClusterError."""
+    answer = _probe(gcs, metadata)
+    if answer == "unreachable":
+        raise ClusterError(f"no Ray cluster answers at {gcs} (tried for "
+                           f"{_REACH_TIMEOUT_S:.0f} s); check --address or $RAY_ADDRESS and "
+                           "that `ray start --head` runs there")
+    return answer
 
 
 def _import_in_background(modules: Sequence[str]) -> threading.Thread:

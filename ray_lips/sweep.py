@@ -10,7 +10,9 @@ A spec is a file ``ray-lips run`` can read (the ``sweep`` section is ignored the
 - ``choice`` / ``uniform`` / ``loguniform``: random-search dimensions, drawn ``num_samples``
   times for every grid point;
 - ``scheduler``, ``max_concurrent_trials``, ``max_failures``, ``time_budget_s``,
-  ``storage_path``, ``name``, ``check_resources``: how Tune runs it.
+  ``storage_path``, ``name``, ``check_resources``: how Tune runs it. A relative
+  ``storage_path`` is taken from the current folder, or inside a ``ray job submit`` job from the
+  home folder (``ray_lips.jobpaths``).
 
 Everything is pure Python and checked here, before Ray starts: every grid point becomes a
 complete config that passes ``validate_config``. Ray Tune receives the list of grid points as one
@@ -38,6 +40,7 @@ from ray_lips.config import (
     set_keys,
     validate_config,
 )
+from ray_lips.jobpaths import durable_path
 
 SWEEP_KEYS = (
     "name", "grid", "variants", "choice", "uniform", "loguniform", "num_samples", "scheduler",
@@ -359,8 +362,8 @@ def _parse_storage(raw: Any) -> tuple[Path, bool]:
     if "://" in raw:
         raise SpecError(f"sweep.storage_path: {raw!r}: only local or shared-filesystem paths "
                         "are supported (each trial writes its run files there directly)")
-    path = Path(raw).expanduser()
-    return path.resolve(), not path.is_absolute()
+    relative = not Path(raw).expanduser().is_absolute()
+    return durable_path(raw).resolve(), relative  # inside a ray job: below the home folder
 
 
 def _check_resources_schema(configs: list[ExperimentConfig]) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
 import click
 
 from ray_lips.config import ConfigError
+from ray_lips.jobpaths import in_ray_job, where
 from ray_lips.sweep import ClusterError, SweepSpec, check_cluster, describe, load_spec
 
 
@@ -25,10 +25,6 @@ def resume_command(spec_file: str, overrides: tuple[str, ...]) -> str:
     """The command that continues this sweep, quoted for a POSIX shell."""
     return shlex.join(["ray-lips", "sweep", spec_file, "--resume",
                        *(part for o in overrides for part in ("--set", o))])
-
-
-def _inside_ray_job() -> bool:
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def _check_start(spec: SweepSpec, resume: bool) -> None:
@@ -49,17 +45,32 @@ def _check_start(spec: SweepSpec, resume: bool) -> None:
               "or start another with --set sweep.name=NEW_NAME")
 
 
+def _check_datasets(spec: SweepSpec) -> None:
+    """Every value of a ``.npz`` and every image of a folder the trials use, read once per
+    distinct dataset before Ray starts (a NaN would otherwise fail each trial on Ray)."""
+    from ray_lips.preflight import check_dataset_contents  # noqa: PLC0415
+
+    seen: set[str] = set()
+    try:
+        for cfg in spec.trial_configs():
+            key = cfg.data.model_dump_json()
+            if key not in seen:
+                seen.add(key)
+                check_dataset_contents(cfg)
+    except ConfigError as err:
+        _fail(str(err))
+
+
 def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
     import ray  # noqa: PLC0415
 
-    from ray_lips.runtime import connect  # noqa: PLC0415
+    from ray_lips import runtime  # noqa: PLC0415
 
-    connect(address, while_starting=["ray_lips.tune_trial"])
-    if not spec.check_resources:
-        return
     try:
-        check_cluster(spec, ray.nodes())
-    except ClusterError as err:
+        runtime.connect(address, while_starting=["ray_lips.tune_trial"])
+        if spec.check_resources:
+            check_cluster(spec, ray.nodes())
+    except (ClusterError, runtime.ClusterError) as err:
         _fail(str(err))
 
 
@@ -80,19 +91,27 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
     except ConfigError as err:
         _fail(str(err))
         return
-    if spec.storage_is_relative and _inside_ray_job():
-        _warn(f"sweep.storage_path is relative: inside a submitted job it resolves into the "
-              f"job's temporary working directory ({spec.storage_path}); pass an absolute or "
-              "shared path, e.g. --set sweep.storage_path=/shared/ray_results")
+    if spec.storage_is_relative and in_ray_job():
+        click.echo(f"sweep.storage_path is relative: inside a Ray job it is taken from the home "
+                   f"folder, not from the job's temporary copy of the working directory "
+                   f"({spec.storage_path})", err=True)
     _check_start(spec, resume)
-    click.echo(f"sweep {spec.name!r}: {spec.total_trials} trial(s) -> {spec.experiment_dir}",
-               err=True)
+    _check_datasets(spec)
+    click.echo(f"sweep {spec.name!r}: {spec.total_trials} trial(s) -> "
+               f"{where(spec.experiment_dir)}", err=True)
     for overrides_ in spec.trials[:20]:
         click.echo(f"  {describe(overrides_)}", err=True)
     if len(spec.trials) > 20:
         click.echo(f"  ... and {len(spec.trials) - 20} more", err=True)
     _connect_and_check(spec, address)
 
+    from ray_lips.sweep_stop import (  # noqa: PLC0415
+        TrialActorsCallback,
+        mark_running_interrupted,
+        sigterm_received,
+        stop_trial_actors,
+        terminate_on_sigterm,
+    )
     from ray_lips.tune_trial import (  # noqa: PLC0415
         expected_trials,
         format_table,
@@ -103,14 +122,25 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
     )
 
     expected = expected_trials(spec, resume)
-    results = run_sweep(spec, resume=resume)
+    try:
+        with terminate_on_sigterm(spec.experiment_dir):
+            results = run_sweep(spec, resume=resume, callbacks=[TrialActorsCallback()])
+    except KeyboardInterrupt:
+        if not sigterm_received():
+            raise
+        stop_trial_actors()
+        mark_running_interrupted(spec.experiment_dir)
+        click.echo(f"storage: {where(spec.experiment_dir)}")
+        _fail(f"stopped by SIGTERM; the unfinished trials are marked interrupted; continue "
+              f"with: {resume_command(spec_file, overrides)}", 143)
+        return
     mark_interrupted(results)
     saved = saved_spec(spec.experiment_dir) if resume else None
     grid = (saved or {}).get("trials", spec.trials)
     table = trial_table(results, grid if not spec.random and spec.num_samples == 1 else None)
     click.echo("")
     click.echo(format_table(table))
-    click.echo(f"storage: {spec.experiment_dir}")
+    click.echo(f"storage: {where(spec.experiment_dir)}")
     unfinished = table["status"].isin(["interrupted", "running", "pending"]).sum() + max(
         0, expected - len(table))
     failed = table["status"].isin(["failed", "error"]).sum()

@@ -6,7 +6,8 @@ drops it when empty), then one bundle per pool, so a sweep never asks for more G
 The run files go straight into the trial's directory in the storage path, beside Tune's own
 files, so analysis reads sweeps and single runs alike. ``FederatedRun`` resumes from the newest
 checkpoint in that directory; the same checkpoint also travels as the Tune checkpoint, so a
-restored trial finds it even when its directory did not come along.
+restored trial finds it even when its directory did not come along. A trial holds its
+directory's run lock while it runs, as ``ray-lips run`` does: a ``--resume`` of it is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from ray_lips.results import (
     STATUS_FILE,
     RunWriter,
     client_state_folder,
+    copy_folder_replacing,
+    copy_replacing,
+    run_lock,
+    write_bytes_replacing,
 )
 from ray_lips.sweep import (
     TIME_ATTR,
@@ -125,13 +130,14 @@ def adopt_checkpoint(checkpoint: tune.Checkpoint | None, writer: RunWriter) -> N
             return
         for name in (CONFIG_FILE, ROUNDS_FILE, LAYERS_FILE):
             if (Path(folder) / name).exists():
-                shutil.copy2(Path(folder) / name, writer.dir / name)
+                copy_replacing(Path(folder) / name, writer.dir / name)
         target = writer.dir / CHECKPOINT_DIR / found[-1].name
         parts = client_state_folder(found[-1])
-        shutil.rmtree(client_state_folder(target), ignore_errors=True)
         if parts.is_dir():  # the parts first: a main file never stands beside missing parts
-            shutil.copytree(parts, client_state_folder(target))
-        shutil.copy2(found[-1], target)
+            copy_folder_replacing(parts, client_state_folder(target))
+        else:
+            shutil.rmtree(client_state_folder(target), ignore_errors=True)
+        copy_replacing(found[-1], target)
 
 
 def _pool_factory(cfg: ExperimentConfig) -> RayPoolFactory:
@@ -160,9 +166,16 @@ def _drive(run: FederatedRun, writer: RunWriter, after_round: AfterRound | None)
 
 def lips_trial(config: dict[str, Any], base: dict[str, Any],
                after_round: AfterRound | None = None) -> None:
-    """The Tune function trainable: one federated run, reported round by round."""
+    """The Tune function trainable: one federated run, reported round by round, holding its
+    directory's run lock throughout."""
     cfg = resolve_trial(base, config)
-    writer = RunWriter(trial_run_dir())
+    run_dir = trial_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        _trial(cfg, RunWriter(run_dir), after_round)
+
+
+def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | None) -> None:
     earlier = writer.read_status()
     if earlier.get("status") == "diverged":  # deterministic: a retry would diverge again
         raise DivergenceError(f"diverged in an earlier attempt, not retried: "
@@ -173,12 +186,9 @@ def lips_trial(config: dict[str, Any], base: dict[str, Any],
         writer.write_config(cfg)
         run = FederatedRun(cfg, writer.dir, _pool_factory(cfg))
         _drive(run, writer, after_round)
-    except DivergenceError as err:
-        writer.write_status("diverged", error=f"DivergenceError: {err}")
-        raise
-    except Exception as err:
+    except Exception as err:  # a pool's error arrives wrapped: its cause says what happened
         cause = getattr(err, "cause", None) or err
-        writer.write_status("failed", error=f"{type(cause).__name__}: {cause}")
+        writer.write_end("diverged" if isinstance(err, DivergenceError) else "failed", cause)
         raise
     finally:
         if run is not None:
@@ -269,11 +279,11 @@ def save_spec(spec: SweepSpec) -> Path:
     """The resolved spec beside the experiment: what ``--resume`` runs, whatever the file says."""
     spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     path = spec.experiment_dir / SPEC_FILE
-    path.write_text(yaml.safe_dump({
+    write_bytes_replacing(path, yaml.safe_dump({
         "name": spec.name, "base": spec.base, "trials": spec.trials,
         "random": [{"key": d.key, "kind": d.kind, "values": list(d.values)} for d in spec.random],
         "sweep": spec.section,
-    }, sort_keys=False))
+    }, sort_keys=False).encode())
     return path
 
 

@@ -4,7 +4,9 @@ what the config records, and one clear error per mistake."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from torch import nn
 from ray_lips.config import ConfigError, validate_config
 from ray_lips.data import dataset_info, load_dataset
 from ray_lips.models import build_model, check_lips_eligible, eligible_parameter_names
+from ray_lips.preflight import check_before_ray
 
 DATA = textwrap.dedent("""
     import numpy as np
@@ -59,6 +62,28 @@ DATA = textwrap.dedent("""
     def float_labels():
         x_train, y_train, x_test, y_test = arrays()
         return x_train, y_train.astype(float), x_test, y_test
+
+    def flat():
+        x_train, y_train, x_test, y_test = arrays()
+        return x_train.reshape(40, 64), y_train, x_test.reshape(20, 64), y_test
+
+    def nan_in_train():
+        x_train, y_train, x_test, y_test = arrays()
+        x_train[12, 0, 3, 4] = np.nan
+        x_train[30, 0, 0, 0] = np.inf
+        return x_train, y_train, x_test, y_test
+
+    def inf_in_test():
+        x_train, y_train, x_test, y_test = arrays()
+        x_test = x_test.astype(np.float64)
+        x_test[5, 0, 7, 7] = -np.inf
+        return x_train, y_train, x_test, y_test
+
+    def beyond_float32():
+        x_train, y_train, x_test, y_test = arrays()
+        x_train = x_train.astype(np.float64)
+        x_train[2, 0, 1, 1] = 1e39
+        return x_train, y_train, x_test, y_test
 
     NOT_A_FUNCTION = 3
 """)
@@ -144,8 +169,13 @@ def test_a_function_dataset_is_checked_at_load_and_recorded_as_given(pkg):
     assert data.x_train.shape == (40, 1, 8, 8) and data.x_train.dtype == torch.float32
     assert data.y_test.dtype == torch.int64 and data.num_classes == 2
     assert data.sample_shape == (1, 8, 8) and not data.augment
-    assert data.mean[0] == pytest.approx(float(data.x_train.mean()), abs=1e-5)
-    assert data.std[0] == pytest.approx(float(data.x_train.std(unbiased=False)), rel=1e-4)
+    # The statistics are computed in float64 from the stored float32 values: the same sums in
+    # another order differ by at most n * 2**-53 * mean|x| (n = 2560 values), far below 1e-12.
+    x = data.x_train.numpy().astype(np.float64)
+    bound = x.size * 2.0**-53 * np.abs(x).mean()
+    assert bound < 1e-12
+    np.testing.assert_allclose(data.mean, [x.mean()], rtol=0, atol=bound)
+    np.testing.assert_allclose(data.std, [x.std()], rtol=0, atol=bound)
     as_dict = load_dataset(validate_config(_tree(f"{pkg}.data:load_dict")).data)
     assert as_dict.num_classes == 3 and torch.equal(as_dict.x_train, data.x_train)
 
@@ -156,12 +186,21 @@ def test_a_function_dataset_is_checked_at_load_and_recorded_as_given(pkg):
     ("missing_key", "without 'y_test'"),
     ("fails", "raised RuntimeError: no data here"),
     ("float_labels", "y_train has dtype float64; labels must be integers"),
+    ("flat", "x_train has shape (40, 64); expected (N, C, H, W) images or (N, C, L) signals "
+             "(add a channel axis with x[:, None])"),
+    ("nan_in_train", "x_train holds NaN at sample 12 (counting from 0); every value must be "
+                     "finite"),
+    ("inf_in_test", "x_test holds -inf at sample 5 (counting from 0)"),
+    ("beyond_float32", "x_train holds 1e+39, beyond float32's range (+-3.4e+38) at sample 2 "),
 ])
 def test_a_function_returning_the_wrong_thing_fails_at_load(pkg, function, message):
     cfg = validate_config(_tree(f"{pkg}.data:{function}"))
     with pytest.raises(ConfigError, match="^data.dataset: ") as err:
         load_dataset(cfg.data)
     assert message in str(err.value) and "\n" not in str(err.value)
+    # the driver loads it on Ray: the error crosses a process boundary as it is
+    again = pickle.loads(pickle.dumps(err.value))
+    assert type(again) is ConfigError and str(again) == str(err.value)
 
 
 @pytest.mark.parametrize("path, message", [
@@ -251,13 +290,57 @@ def test_an_npz_of_python_objects_is_never_unpickled(tmp_path):
     assert "is not a readable .npz file" in _error(_tree(str(tmp_path / "fake.npz")))
 
 
-def test_nan_samples_are_refused_at_load(tmp_path):
-    x = np.zeros((30, 1, 4, 4), dtype=np.float32)
-    x[3, 0, 1, 1] = np.nan
-    cfg = validate_config(_tree(str(_npz(tmp_path / "nan.npz", **_with(x_train=x,
-                                                                        x_test=x[:12])))))
-    with pytest.raises(ConfigError, match="x_train holds NaN or infinite values"):
-        load_dataset(cfg.data)
+def _checked_before_ray(dataset: Path, tmp_path: Path, **data) -> str:
+    """The one-line error of the checks ``ray-lips run`` makes before it starts Ray."""
+    cfg = validate_config({**_tree(str(dataset), **data), "output": str(tmp_path / "runs")})
+    with pytest.raises(ConfigError) as err:
+        check_before_ray(cfg)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def _x(dtype=np.float32, n: int = 30, shape=(3, 6, 5)) -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(n, *shape)).astype(dtype)
+
+
+def _bad(x: np.ndarray, sample: int, value: float) -> np.ndarray:
+    x = x.copy()
+    x[sample, -1, 2, 1] = value
+    return x
+
+
+@pytest.mark.parametrize("arrays, compressed, message", [
+    ({"x_train": _bad(_x(), 12, np.nan), "x_test": _x(n=12)}, False,
+     "x_train holds NaN at sample 12 (counting from 0); every value must be finite: fix or "
+     "drop that sample"),
+    ({"x_train": _bad(_bad(_x(), 29, np.nan), 7, np.inf), "x_test": _x(n=12)}, True,
+     "x_train holds inf at sample 7 "),
+    ({"x_train": _x(np.float16), "x_test": _bad(_x(np.float64, n=12), 11, -np.inf)}, False,
+     "x_test holds -inf at sample 11 "),
+    ({"x_train": _bad(_x(np.float64), 4, 1e39), "x_test": _x(n=12)}, False,
+     "x_train holds 1e+39, beyond float32's range (+-3.4e+38) at sample 4 "),
+    ({"x_train": np.asfortranarray(_bad(_x(), 21, np.nan)), "x_test": _x(n=12)}, False,
+     "x_train holds NaN at sample 21 "),
+])
+def test_a_non_finite_value_in_an_npz_stops_before_ray_naming_the_sample(tmp_path, monkeypatch,
+                                                                        arrays, compressed,
+                                                                        message):
+    monkeypatch.setattr("ray_lips.data.arrays._STEP_VALUES", 200)  # 2 samples per read
+    save = np.savez_compressed if compressed else np.savez
+    save(tmp_path / "mine.npz", **_with(**arrays))
+    path = tmp_path / "mine.npz"
+    assert _checked_before_ray(path, tmp_path).startswith(f"data.dataset: {path}: {message}")
+    # the load, which a driver on another node may make, refuses it the same way
+    with pytest.raises(ConfigError, match="^data.dataset: .*at sample") as err:
+        load_dataset(validate_config(_tree(str(path))).data)
+    assert message in str(err.value)
+
+
+def test_finite_float_and_integer_npz_arrays_pass_the_checks_before_ray(tmp_path):
+    path = _npz(tmp_path / "ok.npz", **_with(x_train=_x(np.float64), x_test=_x(n=12)))
+    check_before_ray(validate_config({**_tree(str(path)), "output": str(tmp_path / "runs")}))
+    path = _npz(tmp_path / "pixels.npz", **_arrays())  # uint8: nothing to scan
+    check_before_ray(validate_config({**_tree(str(path)), "output": str(tmp_path / "runs")}))
 
 
 # ----- an image folder ----------------------------------------------------------------------
@@ -312,6 +395,63 @@ def test_grayscale_images_give_one_channel_and_sizes_must_match_or_be_resized(tm
     resized = load_dataset(validate_config(_tree(str(tmp_path / "gray"),
                                                  image_size=[4, 3])).data)
     assert resized.x_train.shape == (7, 1, 4, 3)
+
+
+def _encoded(fmt: str, size=(6, 5), mode: str = "RGB") -> bytes:
+    pixels = np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def _flipped(data: bytes) -> bytes:
+    """Eight bytes in the middle of the file inverted (inside a PNG's pixel data)."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 8]) + data[middle + 8:]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("train/cat/1.png", b"GIF89a but not really", "is not a readable image (not an image "
+                                                   "format PIL knows, or not an image)"),
+    ("train/cat/1.png", b"", "is not a readable image"),
+    ("test/bee/0.png", _encoded("PNG")[:60], "is not a readable image (OSError: "),
+    ("train/bee/1.png", _flipped(_encoded("PNG")), "is not a readable image ("),
+    ("train/cat/2.jpg", _encoded("JPEG")[:-40], "is not a readable image (OSError: image file "
+                                                "is truncated"),
+    ("train/cat/2.bmp", _encoded("BMP")[:-20], "is not a readable image (OSError: image file "
+                                               "is truncated"),
+    ("train/cat/2.png", _encoded("PNG", size=(7, 5)), "is 5x7 pixels but "),
+    ("test/cat/2.tif", _encoded("TIFF", mode="LAB"), "has the image mode 'LAB', which PIL "
+                                                     "cannot convert to L"),
+], ids=["garbage", "empty", "cut-png", "flipped-png", "cut-jpeg", "cut-bmp", "other-size",
+        "lab-mode"])
+def test_a_damaged_image_after_the_first_stops_before_ray_naming_the_file(tmp_path, name,
+                                                                          content, message):
+    _folder(tmp_path / "pics", gray=name.endswith(".tif"))
+    (tmp_path / "pics" / name).write_bytes(content)
+    cfg_error = _checked_before_ray(tmp_path / "pics", tmp_path)
+    assert cfg_error.startswith(f"data.dataset: {tmp_path / 'pics' / name} {message}")
+    # what the check refuses, the load (in the driver, on Ray) would have refused
+    with pytest.raises(ConfigError) as err:
+        load_dataset(validate_config(_tree(str(tmp_path / "pics"))).data)
+    assert str(err.value).startswith(f"data.dataset: {tmp_path / 'pics' / name} ")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("train/cat/2.jpg", _encoded("JPEG")),
+    ("train/cat/2.jpg", _encoded("JPEG") + b"bytes after the end marker"),
+    ("train/cat/2.png", _encoded("PNG")[:-12]),  # no end chunk, but every pixel is there
+    ("train/cat/2.bmp", _encoded("BMP")),
+    ("test/cat/2.tif", _encoded("TIFF", mode="CMYK")),
+    ("train/cat/2.png", _encoded("PNG", size=(9, 4))),  # resized: data.image_size is set
+], ids=["jpeg", "jpeg-trailing-bytes", "png-without-end", "bmp", "cmyk-tiff", "other-size"])
+def test_images_that_load_pass_the_checks_before_ray(tmp_path, name, content):
+    _folder(tmp_path / "pics")
+    (tmp_path / "pics" / name).write_bytes(content)
+    tree = {**_tree(str(tmp_path / "pics"), image_size=[6, 5]), "output": str(tmp_path / "r")}
+    check_before_ray(validate_config(tree))
+    assert load_dataset(validate_config(tree).data).x_train.shape[1:] == (3, 6, 5)
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -418,3 +558,40 @@ def test_a_local_run_with_the_users_dataset_and_model_through_the_cli(pkg, tmp_p
     assert len(rounds) == 1 and rounds["density"].iloc[0] == 0.5
     layers = pd.read_parquet(run_dir / "layers.parquet")
     assert set(layers.loc[layers["eligible"], "layer"]) == {"3"}
+
+
+def test_a_nan_in_an_npz_stops_the_command_before_any_run_folder_or_ray(tmp_path):
+    """The user's view: one line, exit status 2, and nothing started or written."""
+    x = np.zeros((30, 1, 4, 4), dtype=np.float32)
+    x[12, 0, 1, 1] = np.nan
+    path = _npz(tmp_path / "mine.npz", **_with(x_train=x, x_test=x[:12]))
+    config = {**_tree(str(path)), "name": "nan", "output": str(tmp_path / "runs"),
+              "train": {"rounds": 1, "batch_size": 10}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", "config.yaml",
+                             "--local"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"error: data.dataset: {path}: x_train holds NaN at "
+                                     "sample 12 (counting from 0); every value must be finite: "
+                                     "fix or drop that sample")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_nan_in_an_npz_stops_a_sweep_before_ray(tmp_path):
+    """A sweep reads each distinct dataset of its trials once before Ray starts."""
+    x = np.zeros((30, 1, 4, 4), dtype=np.float32)
+    x[3, 0, 0, 0] = np.inf
+    path = _npz(tmp_path / "mine.npz", **_with(x_train=x, x_test=x[:12]))
+    spec = {**_tree(str(path)), "name": "nan", "train": {"rounds": 1, "batch_size": 10},
+            "sweep": {"grid": {"seed": [0, 1]}, "storage_path": str(tmp_path / "results")}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "sweep", "spec.yaml"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data.dataset: {path}: x_train holds inf at sample 3 (counting from 0); every "
+        "value must be finite: fix or drop that sample")
+    assert not (tmp_path / "results").exists()

@@ -201,3 +201,99 @@ def test_ray_pools_stream_their_state_into_the_parts(ray_local, tmp_path, tiny_c
     assert resumed.round == 1
     _assert_same(state, _state(resumed))
     resumed.close()
+
+
+def _forge_part(main, part: dict, index: int = 0) -> None:
+    """``part`` as client state part ``index`` of checkpoint ``main``, its size recorded in the
+    main file as a forger who can write the run folder would."""
+    file = client_state_folder(main) / f"{index:05d}.pt"
+    torch.save(part, file)
+    held = torch.load(main, weights_only=True)
+    held["client_state_parts"][index] = file.stat().st_size
+    torch.save(held, main)
+
+
+@pytest.mark.parametrize("slot, client", [
+    ("{escape}/x", 0),      # an absolute path as the slot
+    ("../../x", 0),         # out of the spill folder
+    ("lips.grad", 0),       # a real slot, but not one that SCAFFOLD with the dense hand-out keeps
+    (SLOT, "../../x"),      # the right slot, a client that is not a number
+])
+def test_a_part_with_a_slot_or_client_the_run_does_not_keep_is_refused_and_writes_nothing(
+        tmp_path, tiny_config, slot, client):
+    """Names in a part never become file names: a spilling pool (client_state_mb tiny) once
+    wrote ``x-0.pt`` wherever a crafted slot pointed."""
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    slot = slot.format(escape=escape)
+    tree = _scaffold(tiny_config)
+    tree["resources"].update(client_state_mb=1e-6, spill_dir=str(tmp_path / "spill" / "deep"))
+    cfg = validate_config(tree)
+    state = _run_rounds(cfg, tmp_path / "run", 2)
+    main = tmp_path / "run" / "checkpoints" / "round_00001.pt"
+    entry = state[0]
+    _forge_part(main, {slot: {client: entry, 1: entry}})  # two entries: the first one spills
+    with pytest.raises(CheckpointError, match=r"00000.pt: refused to load: client"):
+        FederatedRun(cfg, tmp_path / "run")
+    assert not list(tmp_path.rglob("x-*.pt"))
+    assert not list(escape.iterdir())
+
+
+def test_a_legacy_part_with_the_old_gradient_slot_name_still_resumes(tmp_path, tiny_config):
+    """``grads`` is what LIPS's slot was called before the slots had names: it is accepted."""
+    tree = copy.deepcopy(tiny_config)
+    tree["train"].update(rounds=4, local_epochs=1, checkpoint_every=1)
+    cfg = validate_config(tree)
+    run = FederatedRun(cfg, tmp_path / "run")
+    run.run_round()
+    run.close()
+    main = tmp_path / "run" / "checkpoints" / "round_00000.pt"
+    clients = set()
+    for index, part in enumerate(sorted(client_state_folder(main).glob("*.pt"))):
+        held = torch.load(part, weights_only=True)
+        assert list(held) == ["lips.grad"]
+        clients |= set(held["lips.grad"])
+        _forge_part(main, {"grads": held["lips.grad"]}, index)
+    resumed = FederatedRun(cfg, tmp_path / "run")
+    kept = {c for pool in resumed.pools.pools for c in pool.store.clients("lips.grad")}
+    assert kept == clients and clients
+    resumed.close()
+
+
+def test_spilled_entries_are_named_by_numbers_inside_the_spill_folder(tmp_path):
+    """Whatever a slot is called, its spilled entries stay in the store's own folder."""
+    from ray_lips.engine.client_state import ClientStore
+
+    (tmp_path / "escape").mkdir()
+    store = ClientStore(budget_bytes=1, spill_root=str(tmp_path / "spill" / "deep"))
+    slots = [str(tmp_path / "escape" / "x"), "../../x", "a/b", SLOT]
+    entries = {(slot, client): {"w": torch.full((4,), float(k * 10 + client))}
+               for k, slot in enumerate(slots) for client in (0, 7)}
+    for (slot, client), entry in entries.items():
+        store.put(client, slot, entry)
+    assert store.spilled == len(entries) - 1
+    folder = next((tmp_path / "spill" / "deep").iterdir())
+    files = sorted(p.name for p in tmp_path.rglob("*.pt"))
+    assert files == sorted(p.name for p in folder.iterdir()) and len(files) == store.spilled
+    assert all(name.removesuffix(".pt").replace("-", "").isdigit() for name in files)
+    for (slot, client), entry in entries.items():
+        assert torch.equal(store.get(client, slot)["w"], entry["w"])
+
+
+@pytest.mark.parametrize("algorithm, handout", [
+    ("fedavg", "lips"), ("fedprox", "lips"), ("scaffold", "lips"), ("fedper", "dense"),
+    ("ditto", "dense"), ("local", "dense")])
+def test_every_slot_a_run_keeps_is_one_its_algorithm_and_hand_out_declare(
+        tmp_path, tiny_config, algorithm, handout):
+    """What a resume accepts from a part (``client_slots``) covers all a run writes into it."""
+    from ray_lips.algorithms import client_slots
+
+    tree = copy.deepcopy(tiny_config)
+    tree.update(algorithm=algorithm, handout=handout)
+    tree["train"].update(rounds=2, local_epochs=1)
+    cfg = validate_config(tree)
+    run = FederatedRun(cfg, tmp_path / "run")
+    run.run_round()
+    kept = {slot for pool in run.pools.pools for slot in pool.store.slots()}
+    run.close()
+    assert kept and kept <= client_slots(cfg)

@@ -71,3 +71,20 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         a = pd.read_parquet(tmp_path / "straight" / name).drop(columns="seconds", errors="ignore")
         b = pd.read_parquet(tmp_path / "cut" / name).drop(columns="seconds", errors="ignore")
         pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_an_empty_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_config):
+    """A full disk can leave the newest file with no bytes at all (torch's error then has no
+    message): it is skipped like a half-written one."""
+    tiny_config["train"].update(rounds=4, checkpoint_every=1, local_epochs=1)
+    cfg = validate_config(tiny_config)
+    run = FederatedRun(cfg, tmp_path / "run")
+    for _ in range(3):
+        run.run_round()
+    run.close()
+    (tmp_path / "run" / "checkpoints" / "round_00002.pt").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"round_00002.pt \(EOFError\); resuming from "
+                                         r"round_00001.pt"):
+        resumed = FederatedRun(cfg, tmp_path / "run")
+    assert resumed.round == 2
+    resumed.close()

@@ -1,5 +1,6 @@
 """The ``ray-lips`` command as a user runs it, in subprocesses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -40,12 +41,12 @@ def test_bad_value_stops_before_ray_with_the_key_named(tmp_path, tiny_config):
     assert not (tmp_path / "runs").exists()
 
 
-def test_gpu_request_on_a_cpu_cluster_stops_before_training(tmp_path, tiny_config):
+def test_gpu_request_on_a_cpu_cluster_stops_before_a_run_folder_is_made(tmp_path, tiny_config):
     result = _cli("run", str(_config(tmp_path, tiny_config)), "--set",
                   "resources.gpus_per_pool=0.5")
     assert result.returncode == 2
     assert "gpus_per_pool" in result.stderr and "no GPU" in result.stderr
-    assert not list((tmp_path / "runs").glob("*/rounds.parquet"))
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
@@ -210,3 +211,104 @@ def test_the_command_checks_a_run_without_loading_torch(tmp_path, tiny_config):
                           env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ----- what a run leaves and says when it fails ---------------------------------------------
+def _ray_lines_removed(stderr: str) -> list[str]:
+    """The lines ray-lips printed: without Ray's own log lines (``2025-01-01 12:00:00,000
+    INFO ...`` at start-up)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line[:4].isdigit() and not line.startswith("[20")]
+
+
+def test_a_dataset_function_that_raises_on_ray_ends_in_one_line_and_leaves_no_run_folder(
+        tmp_path, tiny_config):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "broken_q7.py").write_text(
+        "def load():\n    raise OSError('the data disk is gone')\n")
+    tiny_config["data"]["dataset"] = "broken_q7:load"
+    path = _config(tmp_path, tiny_config, rounds=2)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(tmp_path / "mods"), ENV.get("PYTHONPATH")) if p)}
+    result = subprocess.run([*CLI, "run", str(path)], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 1, result.stderr
+    ours = _ray_lines_removed(result.stderr)
+    assert ours[-1] == ("error: data.dataset: broken_q7:load() raised OSError: the data disk "
+                        "is gone")
+    assert len([line for line in ours if "the data disk is gone" in line]) == 1, ours
+    for noise in ("Traceback", "ActorDiedError", "RayTaskError", "\x1b[", "--resume", "RUN_DIR"):
+        assert noise not in result.stderr
+    assert list((tmp_path / "runs").iterdir()) == []  # the run never trained: no folder
+
+
+class _Foreign:
+    """A class no checkpoint may hold."""
+
+
+def test_a_refused_checkpoint_on_ray_is_one_line_with_no_resume_hint_and_the_folder_stays(
+        tmp_path, tiny_config):
+    import pickle
+
+    import torch
+
+    from ray_lips.config import validate_config
+    from ray_lips.engine.experiment import FederatedRun
+
+    tiny_config["train"].update(rounds=4, checkpoint_every=1)
+    run = FederatedRun(validate_config(tiny_config), tmp_path / "run")
+    run.run_round()
+    run.close()
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("round_*.pt")
+    torch.save({"next_round": 1, "state": _Foreign()}, checkpoint, pickle_module=pickle)
+    before = [p.name for p in (tmp_path / "run").iterdir()]
+
+    result = _cli("run", "--resume", str(tmp_path / "run"))
+    assert result.returncode == 1, result.stderr
+    last = _ray_lines_removed(result.stderr)[-1]
+    assert last.startswith(f"error: CheckpointError: {checkpoint}: refused to load"), last
+    assert "--resume" not in last and "Traceback" not in result.stderr
+    assert "\x1b[" not in result.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"] == last.removeprefix("error: ")  # the same line, nothing more
+    # a resume never removes the folder it was given
+    assert set(before) <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert list((tmp_path / "run" / "checkpoints").glob("round_*.pt")) == [checkpoint]
+
+
+def test_a_gain_is_shown_only_against_another_method():
+    from ray_lips.cli import _summary_table
+
+    summary = {"acc_global_window": 0.5, "acc_after_window": 0.6, "seconds_per_round": 1.0}
+    alone = _summary_table({"fedavg": summary})
+    assert "gain" not in alone
+    pair = _summary_table({"fedavg": summary, "lips": {**summary, "acc_global_window": 0.75},
+                           "scaffold": summary})
+    header = pair.splitlines()[0]
+    assert "gain lips" in header
+    assert "gain fedavg" not in header and "gain scaffold" not in header
+    assert "+0.2500" in pair
+    assert pair.splitlines()[-1] == "gain: against the same algorithm with the dense hand-out " \
+        "(lips - fedavg)"
+
+
+def test_a_relative_output_inside_a_ray_job_goes_below_the_home_folder(tmp_path, tiny_config):
+    """``ray job submit --working-dir .`` runs the command in an unpacked copy of the working
+    directory among Ray's temporary files: results written there would vanish with them."""
+    tree = {**tiny_config, "output": "runs"}
+    tree["train"] = {**tiny_config["train"], "rounds": 1, "finetune_epochs": 0}
+    job_dir = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    job_dir.mkdir(parents=True)
+    (job_dir / "mine.yaml").write_text(yaml.safe_dump(tree))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**ENV, "HOME": str(home), "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    result = subprocess.run([*CLI, "run", "mine.yaml", "--local"], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=job_dir)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (home / "runs").iterdir()
+    assert f"run directory: {run_dir}" in result.stderr  # at the start of the job's log
+    assert result.stdout.strip().splitlines()[-1] == str(run_dir)  # and at its end
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 1
+    assert not (job_dir / "runs").exists()

@@ -2,7 +2,10 @@
 
 Every node is a `ray start ... --block` process in its own session and temp dir, stopped by
 signalling exactly that process group (never `ray stop`, which would stop other Rays too).
-Token authentication stays on: clients get RAY_AUTH_MODE=token and read ~/.ray/auth_token.
+Token authentication stays on: Ray's own clients (`ray job`, `ray list`) get RAY_AUTH_MODE=token
+and read ~/.ray/auth_token; `ray-lips` gets no RAY_AUTH_MODE (it finds the token itself). The
+head node runs with its own home folder (a copy of the token in it), so a job writes nothing
+into the real one.
 """
 
 from __future__ import annotations
@@ -86,9 +89,29 @@ class Node:
     log: Path
 
 
+def cluster_token() -> str:
+    """The token the test clusters use: this user's ~/.ray/auth_token, made by Ray's own
+    command if there is none yet (as a local `ray.init` would)."""
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists():
+        subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True,
+                       timeout=60, env=_env())
+    return path.read_text().strip()
+
+
+def home_with_token(home: Path) -> Path:
+    """``home`` as a home folder holding the cluster's token in .ray/auth_token."""
+    (home / ".ray").mkdir(parents=True, exist_ok=True)
+    token = home / ".ray" / "auth_token"
+    token.write_text(cluster_token())
+    token.chmod(0o600)
+    return home
+
+
 @contextlib.contextmanager
-def ray_node(args: list[str], log: Path) -> Iterator[Node]:
-    """A `ray start ... --block` node in a fresh short temp dir; stopped on exit."""
+def ray_node(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Node]:
+    """A `ray start ... --block` node in a fresh short temp dir; stopped on exit. ``env``: extra
+    environment variables for the node (HOME, say)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
     agent, grpc, metrics, runtime_env, client = _free_ports(5)
     command = [RAY, "start", *args, "--temp-dir", str(temp_dir), "--block",
@@ -99,8 +122,8 @@ def ray_node(args: list[str], log: Path) -> Iterator[Node]:
     if "--head" in args:
         command += ["--ray-client-server-port", str(client)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                env={**_env(), **(env or {})}, start_new_session=True)
     try:
         yield Node(proc, temp_dir, log)
     finally:
@@ -171,6 +194,7 @@ class Head:
     node: Node
     dashboard: str
     gcs: str
+    home: Path | None = None  # the head node's (and so every job's) home folder
 
 
 @pytest.fixture(scope="module")
@@ -183,28 +207,34 @@ def global_cluster_file():
 
 
 @contextlib.contextmanager
-def _start_head(log_dir: Path, attempt: int) -> Iterator[Head]:
+def _start_head(log_dir: Path, attempt: int, home: Path | None = None) -> Iterator[Head]:
     gcs_port, dash_port = _free_ports(2)
     args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dash_port), "--num-cpus", "2", "--resources", '{"head": 1}']
-    with ray_node(args, log_dir / f"head{attempt}.log") as node:
+    # ray job stop: SIGTERM, then SIGKILL after this many seconds (Ray's default is 3; more here
+    # so that a loaded test machine does not decide what a stopped sweep leaves behind)
+    env = {"RAY_JOB_STOP_WAIT_TIME_S": "30"}
+    if home is not None:
+        env["HOME"] = str(home)
+    with ray_node(args, log_dir / f"head{attempt}.log", env) as node:
         dashboard = f"http://127.0.0.1:{dash_port}"
         cluster_file = node.temp_dir / "ray_current_cluster"
         _wait_for(lambda: cluster_file.exists() and _dashboard_up(dashboard), "head", node)
         gcs = cluster_file.read_text().strip()  # node-ip:port, written into our temp dir
         assert gcs.endswith(f":{gcs_port}")
         _wait_for(lambda: len(_alive_nodes(gcs)) == 1, "head in the state API", node)
-        yield Head(node, dashboard, gcs)
+        yield Head(node, dashboard, gcs, home)
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory, global_cluster_file) -> Iterator[Head]:
     """A head node (2 CPUs); a second try when a loaded machine makes the first start time out."""
     log_dir = tmp_path_factory.mktemp("head")
+    home = home_with_token(tmp_path_factory.mktemp("head_home"))
     for attempt in (1, 2):
         with contextlib.ExitStack() as stack:
             try:
-                started = stack.enter_context(_start_head(log_dir, attempt))
+                started = stack.enter_context(_start_head(log_dir, attempt, home))
             except NodeDied:
                 if attempt == 2:
                     raise
@@ -268,3 +298,144 @@ def test_two_node_cluster_spreads_the_pools_over_both_nodes(head, tmp_path):
         kinds = {next(k for k in ("head", "worker")
                       if k in nodes[p["node_id"]]["resources_total"]) for p in pools}
         assert kinds == {"head", "worker"}, pools
+
+
+# ----- joining a cluster with token authentication, as a user of ray-lips does ---------------
+RUN_TINY = ["train.rounds=2", "data.clients=6", "data.train_per_client=30",
+            "train.local_epochs=1", "train.finetune_epochs=1", "train.eval_test_samples=100"]
+OPT_OUT_BANNER = "RAY_AUTH_MODE=disabled"  # Ray's "Set RAY_AUTH_MODE=disabled to opt out"
+RETRY_LOG = "Failed to get cluster ID from GCS server"  # ray.init retrying without a token
+
+
+def _user_env(**extra: str) -> dict[str, str]:
+    """A user's shell: ray-lips on PATH, no RAY_AUTH_MODE, no RAY_ADDRESS unless given."""
+    env = {k: v for k, v in _env().items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    return {**env, **extra}
+
+
+def _ray_lips(args: list[str], env: dict[str, str], timeout: float = 300):
+    return subprocess.run(["ray-lips", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=timeout)
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [part for item in items for part in ("--set", item)]
+
+
+def _finished_runs(folder: Path) -> list[Path]:
+    return sorted(status.parent for status in folder.rglob("status.json")
+                  if json.loads(status.read_text()).get("status") == "finished")
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def test_ray_lips_run_finds_the_clusters_token_by_itself(head, tmp_path):
+    # the token in ~/.ray/auth_token, the cluster named by --address
+    at_home = _ray_lips(["run", "sweeps/quickstart.yaml", "--address", head.gcs,
+                         *_sets([*RUN_TINY, f"output={tmp_path / 'home_token'}"])], _user_env())
+    assert at_home.returncode == 0, at_home.stderr[-4000:]
+    assert len(_finished_runs(tmp_path / "home_token")) == 1
+    assert OPT_OUT_BANNER not in at_home.stdout + at_home.stderr
+    # the token in $RAY_AUTH_TOKEN (a home folder without one), the cluster in $RAY_ADDRESS
+    empty_home = tmp_path / "empty_home"
+    empty_home.mkdir()
+    from_env = _ray_lips(["run", "sweeps/quickstart.yaml",
+                          *_sets([*RUN_TINY, f"output={tmp_path / 'env_token'}"])],
+                         _user_env(HOME=str(empty_home), RAY_AUTH_TOKEN=cluster_token(),
+                                   RAY_ADDRESS=head.gcs))
+    assert from_env.returncode == 0, from_env.stderr[-4000:]
+    assert len(_finished_runs(tmp_path / "env_token")) == 1
+    assert OPT_OUT_BANNER not in from_env.stdout + from_env.stderr
+
+
+CONNECT = """
+import sys
+from ray_lips.runtime import ClusterError, connect
+try:
+    connect(sys.argv[1])
+except ClusterError as err:
+    print(f"ClusterError: {err}")
+else:
+    print("connected")
+"""
+
+
+@pytest.mark.parametrize("token", ["wrong", "none"])
+def test_a_missing_or_wrong_token_fails_at_once_in_one_line(head, tmp_path, token):
+    empty_home = tmp_path / "empty_home"
+    empty_home.mkdir()
+    env = (_user_env(RAY_AUTH_TOKEN="wrong") if token == "wrong"
+           else _user_env(HOME=str(empty_home)))
+    hint = "RAY_AUTH_TOKEN" if token == "wrong" else "has none"
+    joined = subprocess.run([sys.executable, "-c", CONNECT, head.gcs], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert joined.stdout.startswith("ClusterError: "), joined.stdout + joined.stderr[-3000:]
+    assert hint in joined.stdout and "auth_token" in joined.stdout
+    assert RETRY_LOG not in joined.stderr  # refused before ray.init, not after its 20 s retries
+
+    output = tmp_path / "runs"
+    run = _ray_lips(["run", "sweeps/quickstart.yaml", "--address", head.gcs,
+                     *_sets([*RUN_TINY, f"output={output}"])], env, timeout=120)
+    assert run.returncode == 2, run.stderr[-4000:]
+    (line,) = _error_lines(run.stderr)
+    assert line.startswith("error: ") and hint in line, line
+    assert not output.exists() or not any(output.rglob("config.yaml")), "a run folder was left"
+
+    storage = tmp_path / "results"
+    swept = _ray_lips(["sweep", "sweeps/quickstart.yaml", "--address", head.gcs,
+                       *_sets([*TINY, f"sweep.storage_path={storage}"])], env, timeout=120)
+    assert swept.returncode == 2, swept.stderr[-4000:]
+    line = _error_lines(swept.stderr)[-1]
+    assert line.startswith("error: ") and hint in line, swept.stderr
+    assert "Traceback" not in swept.stderr
+    assert not (storage / "quickstart").exists()
+
+
+# ----- results of a job ----------------------------------------------------------------------
+def test_a_job_keeps_a_relative_outputs_results_in_its_home_folder(head):
+    output = "runs/job_output_test"  # relative, as in the README's configs
+    result = _ray_cli("job", "submit", "--address", head.dashboard, "--working-dir", str(REPO),
+                      "--", "ray-lips", "run", "sweeps/quickstart.yaml",
+                      *_sets([*RUN_TINY, f"output={output}"]), timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert head.home is not None
+    (run_dir,) = _finished_runs(head.home / output)
+    for name in RUN_FILES:
+        assert (run_dir / name).exists(), f"{run_dir} lacks {name}"
+    assert str(run_dir) in result.stdout + result.stderr  # the job says where its results are
+    # nothing in the job's temporary copy of the working directory
+    assert not list(head.node.temp_dir.rglob("job_output_test"))
+
+
+def test_ray_job_stop_marks_the_sweeps_running_trials_interrupted(head, tmp_path):
+    storage = tmp_path / "results"
+    job_id = f"stop_{os.getpid()}_{time.monotonic_ns()}"
+    command = [*_sweep_command(), "sweeps/quickstart.yaml"]
+    for item in (*TINY, "train.rounds=2000", "sweep.variants=[{algorithm: lips}]",
+                 f"sweep.storage_path={storage}"):
+        command += ["--set", item]
+    submitted = _ray_cli("job", "submit", "--address", head.dashboard, "--working-dir",
+                         str(REPO), "--submission-id", job_id, "--no-wait", "--", *command)
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+
+    def trial_status() -> dict:
+        found = list((storage / "quickstart").glob("*/status.json"))
+        return json.loads(found[0].read_text()) if found else {}
+
+    deadline = time.time() + 300
+    while not (trial_status().get("status") == "running" and trial_status().get("round", 0) >= 1):
+        if time.time() > deadline:
+            logs = _ray_cli("job", "logs", "--address", head.dashboard, job_id)
+            pytest.fail(f"the trial never ran a round\n{logs.stdout[-4000:]}")
+        time.sleep(1)
+    stopped = _ray_cli("job", "stop", "--address", head.dashboard, job_id, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout[-4000:] + stopped.stderr[-4000:]
+    # the trial's own folder (Tune writes its params.json only once it logs a first result)
+    (status_file,) = (storage / "quickstart").glob("*/status.json")
+    status = json.loads(status_file.read_text())
+    assert status["status"] == "interrupted", status
+    logs = _ray_cli("job", "logs", "--address", head.dashboard, job_id).stdout
+    assert "stopped by SIGTERM" in logs and "--resume" in logs, logs[-4000:]

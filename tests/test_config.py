@@ -85,6 +85,39 @@ def test_setting_the_algorithm_alone_resets_the_handout_it_implies(tmp_path):
         assert load_config(path, ["algorithm=lips"]).algorithm == "fedavg"
 
 
+def test_an_override_that_drops_lips_says_so_and_handout_dense_works(tmp_path):
+    """``--set algorithm=scaffold`` on a LIPS config is dense SCAFFOLD and says so in one
+    line; ``--set handout=dense`` on ``algorithm: lips`` is plain FedAvg instead of an error."""
+    legacy = tmp_path / "legacy.yaml"
+    legacy.write_text("algorithm: lips\n")
+    notes: list[str] = []
+    cfg = load_config(legacy, ["algorithm=scaffold"], notes)
+    assert (cfg.algorithm, cfg.handout) == ("scaffold", "dense")
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert "dense scaffold" in notes[0] and "--set handout=lips" in notes[0]
+    notes.clear()
+    load_config(legacy, ["algorithm=ditto"], notes)
+    assert "ditto does not compose with LIPS" in notes[0]
+    notes.clear()
+    cfg = load_config(legacy, ["handout=dense"], notes)
+    assert (cfg.algorithm, cfg.handout, notes) == ("fedavg", "dense", [])
+    cfg = load_config(legacy, ["algorithm=scaffold", "handout=lips"], notes)
+    assert (cfg.algorithm, cfg.handout, notes) == ("scaffold", "lips", [])
+    dense = tmp_path / "dense.yaml"
+    dense.write_text("algorithm: fedavg\n")
+    load_config(dense, ["algorithm=scaffold"], notes)
+    assert notes == []  # nothing was dropped
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  rounds: 3\n lr: [0.1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert "\n" not in message and "not valid YAML" in message and "line 3" in message
+
+
 @pytest.mark.parametrize("name", ["../escape", "/abs", "a/b", ".", "..", "", "x y"])
 def test_run_names_are_one_safe_folder_name(name):
     with pytest.raises(ConfigError, match="name: .*one safe folder name"):

@@ -54,14 +54,6 @@ def test_sparse_handout_lowers_accuracy_after_aggregation_only_in_sparse_rounds(
     assert (sparse["acc_after"] != sparse["acc_global"]).any()
 
 
-def test_fedavg_is_lips_with_density_one(tmp_path, tiny_config):
-    tiny_config["algorithm"] = "fedavg"
-    run_local(validate_config(tiny_config), tmp_path)
-    rounds = pd.read_parquet(tmp_path / "rounds.parquet")
-    assert (rounds["density"] == 1.0).all()
-    assert (rounds["acc_after"] == rounds["acc_global"]).all()
-
-
 def test_same_numbers_with_one_or_three_pools(tmp_path, tiny_config):
     frames = []
     for pools in (1, 3):

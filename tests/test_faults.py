@@ -179,3 +179,33 @@ def test_workers_do_not_import_modules_from_the_working_directory(tmp_path, tiny
                             env=ENV, timeout=300, cwd=tmp_path / "cwd")
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_pool_lost_past_its_restarts_ends_with_the_command_that_resumes_this_run(
+        tmp_path, tiny_config):
+    tiny_config["resources"].update(pool_restarts=0)
+    path = _config(tmp_path, tiny_config, rounds=200, checkpoint_every=2)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
+        pools = _pools_of(proc.pid)
+        assert len(pools) == 2, pools
+        os.kill(pools[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    (run_dir,) = runs.iterdir()
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: PoolLostError: client pool \d \(pid {pools[1]} on .*\) died "
+                        rf"during .*; resume with: ray-lips run --resume {re.escape(str(run_dir))}",
+                        last), last
+    assert "Traceback" not in stderr
+    status = yaml.safe_load((run_dir / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert status["error"] == last.removeprefix("error: ").split("; resume with")[0]

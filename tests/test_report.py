@@ -137,3 +137,35 @@ def test_a_finished_run_with_a_truncated_table_is_listed_not_dropped(sweep, tmp_
     line = next(r for r in _section(text, "Runs not finished").splitlines()
                 if r.startswith(f"| {runs[0].name} |"))
     assert "| damaged |" in line and "unreadable rounds.parquet" in line
+
+
+def test_duplicate_runs_of_one_seed_are_listed_and_counted_once(sweep, tmp_path):
+    """Three runs of one method, setting and seed: the newest counts, the others are listed as
+    duplicates naming it; nothing is averaged (the table's value is the newest run's)."""
+    import json
+    import shutil
+
+    source = sweep / "trial_fedavg_s0.5_T2_seed0"
+    other = sweep / "trial_fedavg_s0.5_T2_seed1"
+    copies = [tmp_path / "runs" / f"copy{i}" for i in range(3)]
+    for i, run in enumerate(copies):
+        shutil.copytree(source, run)
+        status = json.loads((run / "status.json").read_text())
+        status["updated"] = 1_000 + i  # copy2 is the newest
+        (run / "status.json").write_text(json.dumps(status))
+    rounds = pd.read_parquet(copies[0] / "rounds.parquet")
+    rounds["acc_global"] = 0.0  # an older duplicate with other numbers must not count
+    rounds.to_parquet(copies[0] / "rounds.parquet", index=False)
+    shutil.copytree(other, tmp_path / "runs" / "seed1")
+    runs = load_runs(tmp_path / "runs")
+    by_id = runs.set_index("run_id")
+    assert by_id.loc["copy2", "status"] == "finished"
+    for old in ("copy0", "copy1"):
+        assert by_id.loc[old, "status"] == "duplicate" and "copy2" in by_id.loc[old, "error"]
+    table = final_table(runs).data
+    assert int(table["seeds"].iloc[0]) == 2  # seeds 0 and 1, each once
+    expected = (by_id.loc["copy2", "acc_global_window"] + by_id.loc["seed1", "acc_global_window"])
+    assert table["acc_global_window_mean"].iloc[0] == pytest.approx(expected / 2)
+    text = build_report(tmp_path / "runs", out=tmp_path / "report").read_text()
+    listed = _section(text, "Runs not finished")
+    assert "| copy0 |" in listed and "| copy1 |" in listed and "duplicate" in listed

@@ -57,17 +57,23 @@ for ip, port in listeners:
             answers[f"{ip}:{port}"] = [r.status, r.read(200).decode(errors="replace")[:80]]
     except Exception as err:
         answers[f"{ip}:{port}"] = [None, type(err).__name__]
-print(json.dumps(answers))
+print(json.dumps({"answers": answers, "auth_mode": os.environ.get("RAY_AUTH_MODE")}))
 ray.shutdown()
 '''
 
 
 def test_a_private_local_ray_serves_no_unauthenticated_http(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    """...and keeps Ray's token authentication on without telling the user how to opt out."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_ADDRESS="", HOME=str(tmp_path))  # Ray writes its token to $HOME/.ray
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           timeout=240, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    answers = probe["answers"]
     assert answers, "the probe found no listening port at all"
     served = {port: body for port, (status, body) in answers.items() if status == 200}
     assert not served, served
+    assert probe["auth_mode"] == "token"
+    assert (tmp_path / ".ray" / "auth_token").is_file()
+    assert "RAY_AUTH_MODE=disabled" not in done.stdout + done.stderr  # Ray's "to opt out" line

@@ -99,6 +99,35 @@ def test_grid_random_dims_and_set_overrides(tmp_path, tiny_config):
     assert spec.base["data"]["root"] == str(Path.cwd() / "datasets")
 
 
+
+JOB_ENV = ('{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, '
+           '"metadata": {"job_submission_id": "raysubmit_abc", "job_name": "raysubmit_abc"}}')
+
+
+def test_a_relative_storage_path_inside_a_ray_job_is_below_home(tmp_path, tiny_config,
+                                                                  monkeypatch):
+    """`ray job submit` runs the sweep in a temporary copy of the working directory; Ray's job
+    supervisor marks the entrypoint's environment with RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    home, package = tmp_path / "home", tmp_path / "_ray_pkg_0123456789abcdef"
+    home.mkdir()
+    package.mkdir()
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tiny_config, storage_path="results")))
+    monkeypatch.chdir(package)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_ENV)
+    spec = load_spec(path)
+    assert spec.storage_path == home / "results" and spec.storage_is_relative
+    assert spec.experiment_dir == home / "results" / "tiny"
+    assert load_spec(path, [f"sweep.storage_path={tmp_path / 'abs'}"]).storage_path == \
+        tmp_path / "abs"
+    assert load_spec(path, ["sweep.storage_path=~/r"]).storage_path == home / "r"
+    # the data a job brings with its working directory stays where the job runs
+    assert load_spec(path, ["data.root=datasets"]).base["data"]["root"] == \
+        str(package / "datasets")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert load_spec(path).storage_path == package / "results"
+
 @pytest.mark.parametrize(("section", "needle"), [
     ({"grids": {"seed": [0]}}, "sweep.grids: unknown key"),
     ({"grid": {"lips.sparsty": [0.1]}}, "sweep.grid.lips.sparsty: unknown config key: lips has "

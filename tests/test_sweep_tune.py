@@ -76,13 +76,15 @@ def _local_twin(tmp_path: Path, config: dict, name: str) -> Path:
 
 
 def _same_tables(a: Path, b: Path) -> None:
-    """The same run files up to float noise: CPU kernels may round the last bit differently in
-    another process (seen on train_loss at 1e-8), so floats get a tolerance far below any real
-    difference between runs."""
+    """The same run files, bit for bit: a trial and its twin train with the same kernels in
+    the same order (pools of one thread: ``cpus_per_pool: 1`` and ``_local_twin``'s), and the
+    driver sums clients on FedAvg's exact fixed-point grid, so rounding has nothing to change,
+    on any CPU. A float tolerance cannot help here: a last-bit difference in training grows
+    with every round, and no bound measured on one CPU holds on another."""
     for name in ("rounds.parquet", "layers.parquet", "clients.parquet"):
         left = pd.read_parquet(a / name).drop(columns="seconds", errors="ignore")
         right = pd.read_parquet(b / name).drop(columns="seconds", errors="ignore")
-        pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-5, atol=1e-7)
+        pd.testing.assert_frame_equal(left, right, check_exact=True)
 
 
 def test_quickstart_shrunk_with_a_diverging_trial(ray_local, tmp_path, tiny_config):

@@ -42,5 +42,15 @@ def build_handout(cfg: ExperimentConfig, eligible: list[str]) -> DenseHandout:
     return LipsHandout(cfg, eligible) if cfg.handout == "lips" else DenseHandout()
 
 
+def client_slots(cfg: ExperimentConfig) -> frozenset[str]:
+    """The client-state slots a run of ``cfg`` keeps (its algorithm's and its hand-out's), with
+    the older names of those slots a checkpoint may still use: all a checkpoint part of the run
+    may hold."""
+    handout = LipsHandout if cfg.handout == "lips" else DenseHandout
+    declared = {*ALGORITHMS[cfg.algorithm].client_slots, *handout.client_slots}
+    return frozenset(declared | {old for old, new in LEGACY_CLIENT_SLOTS.items()
+                                 if new in declared})
+
+
 __all__ = ["ALGORITHMS", "HANDOUTS", "LEGACY_CLIENT_SLOTS", "Algorithm", "build_algorithm",
-           "build_handout"]
+           "build_handout", "client_slots"]

@@ -100,6 +100,7 @@ class Algorithm:
     name: ClassVar[str]
     has_global_model: ClassVar[bool] = True  # False: acc_global and acc_test are NaN
     sparse_handout: ClassVar[bool] = True  # whether LIPS's hand-out may be composed with it
+    client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots its clients keep
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module):
         """``model``: the architecture (read for its parameter and layer names, not kept)."""

@@ -26,6 +26,7 @@ PERSONAL = "ditto.personal"  # the client-state slot of the personal model
 class Ditto(Algorithm):
     name = "ditto"
     sparse_handout = False
+    client_slots = (PERSONAL,)
 
     def held_state(self, ctx: ClientContext, client: int) -> Tensors:
         personal = ctx.store.get(client, PERSONAL)

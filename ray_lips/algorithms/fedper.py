@@ -33,6 +33,7 @@ class FedPer(Algorithm):
     name = "fedper"
     has_global_model = False
     sparse_handout = False
+    client_slots = (HEAD,)
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module):
         super().__init__(cfg, model)

@@ -8,7 +8,7 @@ built in the pool that hosts it, from what the client kept of its own training).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -23,6 +23,7 @@ class DenseHandout:
 
     name = "dense"
     remember: list[str] | None = None  # parameters whose last-batch gradient must be kept
+    client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots it keeps
 
     # ----- server side --------------------------------------------------------------------
     def density(self, round_idx: int) -> float:

@@ -31,6 +31,7 @@ LEGACY_CLIENT_SLOTS = {"grads": GRADIENT}  # checkpoints written before the slot
 
 class LipsHandout(DenseHandout):
     name = "lips"
+    client_slots = (GRADIENT,)
 
     def __init__(self, cfg: ExperimentConfig, eligible: list[str]):
         check_lips_eligible(eligible, cfg.model)

@@ -24,6 +24,7 @@ class LocalOnly(Algorithm):
     name = "local"
     has_global_model = False
     sparse_handout = False
+    client_slots = (OWN,)
 
     def held_state(self, ctx: ClientContext, client: int) -> Tensors:
         own = ctx.store.get(client, OWN)

@@ -47,6 +47,7 @@ def momentum_steps(steps: int, momentum: float) -> float:
 
 class Scaffold(Algorithm):
     name = "scaffold"
+    client_slots = (CLIENT_CONTROL,)
 
     def init_server_state(self, global_state: Tensors) -> dict[str, torch.Tensor]:
         return {name: torch.zeros_like(global_state[name]) for name in self.parameter_names}

@@ -22,6 +22,14 @@ from ray_lips.config import ConfigError
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 _CHUNK = 4096  # samples per step of the checks and statistics that scan whole arrays
+_STEP_VALUES = 1 << 22  # ... and at most this many values per step (bounds the temporaries)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def rows_per_step(sample_shape: tuple[int, ...]) -> int:
+    """How many samples of ``sample_shape`` one step of a whole-array scan takes."""
+    values = int(np.prod(sample_shape, dtype=np.int64)) or 1
+    return max(1, min(_CHUNK, _STEP_VALUES // values))
 
 
 @dataclass
@@ -106,12 +114,49 @@ def check_arrays(raw: Mapping[str, Any], num_classes: Any, where: str) -> Arrays
     xs = {}
     for key in ("x_train", "x_test"):
         x = arrays[key]
-        if x.dtype.kind == "f" and not all(np.isfinite(x[i:i + _CHUNK]).all()
-                                           for i in range(0, len(x), _CHUNK)):
-            raise ConfigError(f"{where}: {key} holds NaN or infinite values")
+        check_finite(x, key, where)
         xs[key] = np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32))
     return Arrays(xs["x_train"], arrays["y_train"].astype(np.int64), xs["x_test"],
                   arrays["y_test"].astype(np.int64), classes)
+
+
+def first_non_finite(x: np.ndarray) -> tuple[int, str] | None:
+    """The first sample of ``x`` that is not finite once cast to float32 (what training sees),
+    with what it holds (``NaN``, ``inf``, ``-inf`` or a value beyond float32's range); ``None``
+    when every value is finite (integer arrays always are)."""
+    if x.dtype.kind != "f":
+        return None
+    step = rows_per_step(x.shape[1:])
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf
+            cast = chunk.astype(np.float32, copy=False)
+        finite = np.isfinite(cast).reshape(len(chunk), -1).all(axis=1)
+        if finite.all():
+            continue
+        index = int(np.argmin(finite))
+        values = chunk[index].ravel()
+        value = float(values[np.argmin(np.isfinite(cast[index].ravel()))])
+        if np.isnan(value):
+            return start + index, "NaN"
+        if np.isinf(value):
+            return start + index, "inf" if value > 0 else "-inf"
+        return start + index, f"{value:g}, beyond float32's range (+-{_FLOAT32_MAX:.3g})"
+    return None
+
+
+def non_finite_error(key: str, found: tuple[int, str], where: str) -> ConfigError:
+    """The one-line error for the first sample :func:`first_non_finite` found."""
+    index, value = found
+    return ConfigError(f"{where}: {key} holds {value} at sample {index} (counting from 0); "
+                       "every value must be finite: fix or drop that sample")
+
+
+def check_finite(x: np.ndarray, key: str, where: str) -> None:
+    """``ConfigError`` naming the first sample of ``x`` that holds a NaN or infinite value."""
+    found = first_non_finite(x)
+    if found is not None:
+        raise non_finite_error(key, found, where)
 
 
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -120,14 +165,15 @@ def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     axes = (0, *range(2, x.ndim))
     count = x.size // x.shape[1]
+    step = rows_per_step(x.shape[1:])
     total = np.zeros(x.shape[1])
-    for i in range(0, len(x), _CHUNK):
-        total += x[i:i + _CHUNK].sum(axis=axes, dtype=np.float64)
+    for i in range(0, len(x), step):
+        total += x[i:i + step].sum(axis=axes, dtype=np.float64)
     mean = total / count / scale
     squares = np.zeros(x.shape[1])
     view = (1, -1) + (1,) * (x.ndim - 2)
-    for i in range(0, len(x), _CHUNK):
-        chunk = x[i:i + _CHUNK].astype(np.float64) / scale - mean.reshape(view)
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step].astype(np.float64) / scale - mean.reshape(view)
         squares += (chunk * chunk).sum(axis=axes)
     std = np.sqrt(squares / count)
     return tuple(float(v) for v in mean), tuple(max(float(v), 1e-8) for v in std)

@@ -12,9 +12,12 @@ from the recorded ones (another node's copy, or a file changed before a resume).
   :mod:`ray_lips.data.arrays`. It must return the same arrays on every call and machine.
 - ``.npz``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (and optionally a scalar
   ``num_classes``), read with ``allow_pickle=False``; shapes, dtypes and labels are checked when
-  the config is validated.
+  the config is validated, every value by :func:`check_contents` before Ray starts.
 - image folder: ``train/<class>/<image>`` and ``test/<class>/<image>``, see
-  :mod:`ray_lips.data.images`.
+  :mod:`ray_lips.data.images`; every image is opened and checked by :func:`check_contents`.
+
+:func:`check_contents` reads everything once, so it is one of the checks made before Ray
+(:mod:`ray_lips.preflight`), not part of validation (which every process repeats).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from ray_lips.data.arrays import (
     check_labels,
     check_layout,
     check_num_classes,
+    first_non_finite,
+    non_finite_error,
+    rows_per_step,
 )
 from ray_lips.data.userimport import import_object, is_import_path
 
@@ -175,13 +181,83 @@ def _npz_info(path: str, _size: int, _mtime_ns: int) -> DatasetInfo:
     return DatasetInfo(x_train[0], x_test[0], classes, tuple(x_train[1:]))
 
 
+def _member(archive: zipfile.ZipFile, key: str) -> str:
+    """The archive member holding the array ``key`` (``numpy.load`` reads ``key.npy`` and
+    ``key`` alike)."""
+    return f"{key}.npy" if f"{key}.npy" in archive.namelist() else key
+
+
 def _header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with archive.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(f)
-    return tuple(shape), dtype
+    with archive.open(_member(archive, key)) as f:
+        shape, _, dtype = _npy_header(f)
+    return shape, dtype
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from a ``.npy`` stream, which is left at the data."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read(f)
+    return tuple(shape), bool(fortran_order), dtype
+
+
+# ----- contents, before Ray ---------------------------------------------------------------
+def check_contents(data: DataConfig) -> None:
+    """Every value of a ``.npz`` dataset finite (the ``x`` arrays; labels are integers, checked
+    at validation), every image of a folder readable with the first one's size (or resizable)
+    and a mode that converts; ``ConfigError`` naming the first bad sample or file. Nothing to
+    do for built-in names and functions (a function's arrays are checked when loaded)."""
+    found = kind(data.dataset)
+    if found in ("builtin", "function"):
+        return
+    path = absolute(data.dataset)
+    if found == "npz":
+        stat = path.stat()
+        _check_npz_values(str(path), stat.st_size, stat.st_mtime_ns)
+    else:
+        images.check_files(images.scan(path, data.image_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _check_npz_values(path: str, _size: int, _mtime_ns: int) -> None:
+    """Streams each float ``x`` array of the file, a bounded number of samples at a time."""
+    where = f"{KEY}: {path}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for key in ("x_train", "x_test"):
+                with archive.open(_member(archive, key)) as f:
+                    found = _first_non_finite_in(f)
+                if found is not None:
+                    raise non_finite_error(key, found, where)
+    except ConfigError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{where} is not a readable .npz file: {err}") from None
+
+
+def _first_non_finite_in(f: Any) -> tuple[int, str] | None:
+    """:func:`first_non_finite` of the ``.npy`` array ``f`` holds, read step by step."""
+    shape, fortran_order, dtype = _npy_header(f)
+    if dtype.kind != "f":
+        return None
+    sample_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if fortran_order:  # a sample's values are not contiguous: read the array whole
+        buffer = f.read(shape[0] * sample_bytes)
+        if len(buffer) != shape[0] * sample_bytes:
+            raise ValueError("the array is shorter than its header says")
+        return first_non_finite(np.frombuffer(buffer, dtype).reshape(shape, order="F"))
+    step = rows_per_step(shape[1:])
+    for start in range(0, shape[0], step):
+        rows = min(step, shape[0] - start)
+        buffer = f.read(rows * sample_bytes)
+        if len(buffer) != rows * sample_bytes:
+            raise ValueError(f"the array ends after {start + len(buffer) // sample_bytes} of "
+                             f"{shape[0]} samples")
+        found = first_non_finite(np.frombuffer(buffer, dtype).reshape(rows, *shape[1:]))
+        if found is not None:
+            return start + found[0], found[1]
+    return None
 
 
 # ----- loading ------------------------------------------------------------------------------

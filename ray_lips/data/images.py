@@ -7,6 +7,9 @@ skipped. Every image is converted to the kind of the first training image: grays
 channel) if that one is, RGB (three channels) otherwise; alpha is dropped. All images must have
 the first one's size, unless ``data.image_size: [H, W]`` is set: then every image is resized to
 it (bilinear, aspect ratio not kept). Pixels stay ``uint8`` (scaled to [0, 1] per batch).
+
+:func:`check_files` opens every image before Ray starts and refuses, naming the file, one that
+would fail to load; :func:`read` decodes them when the run loads its data.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ray_lips.config import ConfigError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
@@ -110,8 +117,81 @@ def _header(path: Path) -> tuple[str, tuple[int, int]]:
         with Image.open(path) as img:
             return img.mode, img.size
     except Exception as err:  # noqa: BLE001 - a file PIL cannot read, in one line
-        raise ConfigError(f"{KEY}: cannot read the image {path}: {type(err).__name__}: "
-                          f"{err}") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> ConfigError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):  # its message repeats the path
+        reason = "not an image format PIL knows, or not an image"
+    else:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+    return ConfigError(f"{KEY}: {path} is not a readable image ({reason}); replace or remove "
+                       "it")
+
+
+def _wrong_size(path: Path, size: tuple[int, int], folder: ImageFolder) -> ConfigError:
+    h, w = folder.size
+    return ConfigError(
+        f"{KEY}: {path} is {size[0]}x{size[1]} pixels but {folder.train[0][0]} is {w}x{h}; "
+        "images must share one size, or set data.image_size: [H, W] to resize them all")
+
+
+@functools.lru_cache(maxsize=64)
+def _converts(mode: str, target: str) -> bool:
+    """Whether PIL converts images of ``mode`` to ``target`` (tried on one pixel)."""
+    from PIL import Image
+
+    try:
+        Image.new(mode, (1, 1)).convert(target)
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    return True
+
+
+def check_files(folder: ImageFolder) -> None:
+    """Open every image and check, mostly from its header, that :func:`read` will load it:
+    a format PIL knows, a mode that converts to the folder's kind, the first image's size
+    (unless resized), and an intact file (see :func:`_intact`); a file whose integrity the
+    header cannot prove is decoded. ``ConfigError`` naming the first file that fails."""
+    from PIL import Image
+
+    target = "L" if folder.channels == 1 else "RGB"
+    h, w = folder.size
+    for path in folder.files:
+        try:
+            with Image.open(path) as img:
+                if not _converts(img.mode, target):
+                    raise ConfigError(f"{KEY}: {path} has the image mode {img.mode!r}, which "
+                                      f"PIL cannot convert to {target}; convert or remove it")
+                if img.size != (w, h) and not folder.resize:
+                    raise _wrong_size(path, img.size, folder)
+                if _intact(img, path):
+                    continue
+            with Image.open(path) as img:  # nothing proves it whole: decode it, as read() will
+                img.load()
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a file PIL cannot read, in one line
+            raise _unreadable(path, err) from None
+
+
+def _intact(img: PILImage, path: Path) -> bool:
+    """Whether the file is whole, proven without decoding its pixels: a PNG's chunk checksums
+    and end chunk (``verify``), a JPEG's end-of-image marker. ``False`` proves nothing (other
+    formats have neither; a PNG without its end chunk may still decode)."""
+    if img.format == "PNG":
+        try:
+            img.verify()
+        except Exception:  # noqa: BLE001 - decided by decoding instead
+            return False
+        return True
+    if img.format == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            return f.read(2) == b"\xff\xd9"
+    return False
 
 
 def read(folder: ImageFolder) -> dict[str, np.ndarray]:
@@ -135,16 +215,11 @@ def _decode(path: Path, folder: ImageFolder) -> np.ndarray:
             img = img.convert("L" if folder.channels == 1 else "RGB")
             if img.size != (w, h):
                 if not folder.resize:
-                    first = folder.train[0][0]
-                    raise ConfigError(
-                        f"{KEY}: {path} is {img.size[0]}x{img.size[1]} pixels but {first} is "
-                        f"{w}x{h}; images must share one size, or set data.image_size: [H, W] "
-                        "to resize them all")
+                    raise _wrong_size(path, img.size, folder)
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.uint8)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - a file PIL cannot read, in one line
-        raise ConfigError(f"{KEY}: cannot read the image {path}: {type(err).__name__}: "
-                          f"{err}") from None
+        raise _unreadable(path, err) from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

@@ -3,7 +3,9 @@
 Each entry is a client's dict of tensors in a named slot (``"lips.grad"``, ``"scaffold.c"``,
 ``"ditto.personal"``, ...). Past a byte budget the least recently used entries are written to a
 private spill folder and read back (``weights_only``) when asked for, so 10,000 clients with a
-model-sized state each fit a pool's RAM. A checkpoint reads the entries out in parts of
+model-sized state each fit a pool's RAM. A spilled entry's file is named by numbers alone (the
+slot's index in this store and the client's number), never by the slot's name: a name read from
+a checkpoint cannot choose where a file goes. A checkpoint reads the entries out in parts of
 bounded size (``index``, then ``export`` of some keys), spilled ones included.
 """
 
@@ -44,6 +46,7 @@ class ClientStore:
         self._spilled: dict[tuple[str, int], Path] = {}
         self._bytes = 0
         self._folder: Path | None = None
+        self._slot_numbers: dict[str, int] = {}  # each slot's number in spill file names
 
     # ----- entries ------------------------------------------------------------------------
     def get(self, client: int, slot: str) -> Entry | None:
@@ -139,10 +142,14 @@ class ClientStore:
         while self._bytes > self.budget_bytes and len(self._memory) > 1:
             old_key, old = self._memory.popitem(last=False)
             self._bytes -= _nbytes(old)
-            slot, client = old_key
-            path = self._spill_folder() / f"{slot}-{client}.pt"
+            path = self._spill_folder() / self._spill_name(*old_key)
             torch.save({k: v.cpu() for k, v in old.items()}, path)
             self._spilled[old_key] = path
+
+    def _spill_name(self, slot: str, client: int) -> str:
+        """``<slot number>-<client number>.pt``: one safe file name per entry."""
+        number = self._slot_numbers.setdefault(slot, len(self._slot_numbers))
+        return f"{number}-{int(client)}.pt"
 
     def _spill_folder(self) -> Path:
         if self._folder is None:

@@ -9,16 +9,19 @@ what a round sends and how the averaged parts become the next global state.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout
+from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout, client_slots
 from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
@@ -26,12 +29,13 @@ from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_sums, to_st
 from ray_lips.engine.client_state import EntryInfo
 from ray_lips.engine.messages import HandoutRequest, StatePartRequest, TrainRequest
 from ray_lips.engine.payload import ClientRows, DatasetArrays, PoolPayload
-from ray_lips.engine.pools import ClientState, PoolFactory, local_pools
+from ray_lips.engine.pools import ClientState, PoolFactory, local_pools, torch_threads
 from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
-from ray_lips.results import RunWriter
+from ray_lips.results import RunWriter, check_run_folder, open_new
 from ray_lips.seeding import derive_seed, numpy_rng
 
+T = TypeVar("T")
 STATE_PART_BYTES = 32 * 2**20  # a pool's share of a checkpoint part (plus one entry)
 
 
@@ -112,13 +116,32 @@ def windowed(rows: list[dict], key: str, window: int) -> float:
     return float(np.mean(values[-window:])) if values else float("nan")
 
 
+def driver_threads(method: Callable[..., T]) -> Callable[..., T]:
+    """Run a driver step (aggregation, inertia metrics, hand-out planning) with the threads a
+    Ray driver actor has, ``max(1, int(resources.driver_cpus))``, whichever process runs it, so
+    the numbers are the same in one process, in a driver actor or in a Tune trial."""
+
+    @functools.wraps(method)
+    def wrapped(self: FederatedRun, *args: Any, **kwargs: Any) -> T:
+        with torch_threads(max(1, int(self.cfg.resources.driver_cpus))):
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
 class FederatedRun:
     """One run, advanced a round at a time; resumes from its directory's latest checkpoint."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path,
                  make_pools: PoolFactory = local_pools):
         self.cfg = cfg
+        self._start(run_dir, make_pools)
+
+    @driver_threads
+    def _start(self, run_dir: str | Path, make_pools: PoolFactory) -> None:
+        cfg = self.cfg
         self.writer = RunWriter(run_dir)
+        check_run_folder(self.writer.dir)  # before anything is written there
         # The pools start first: on Ray their processes start and import torch while this one
         # reads the data and builds the model.
         self.pools = make_pools(cfg)
@@ -133,13 +156,15 @@ class FederatedRun:
         self.rounds_rows: list[dict] = []
         self.layers_rows: list[dict] = []
         self.elapsed = 0.0
-        checkpoint = self.writer.load_checkpoint()
+        checkpoint = self.writer.load_checkpoint(client_slots=client_slots(cfg))
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
             self.writer.write_config(cfg)
             self.pools.set_global(-1, self.global_state, 1.0)
-        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds)
+        # what each pool really trains on (device, node, Ray's GPU ids), kept by later writes
+        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds,
+                                 devices=[asdict(d) for d in self.pools.devices()])
 
     def _prepare(self, cfg: ExperimentConfig) -> list[PoolPayload]:
         """The data, the client assignment, the initial model and the algorithm's server side;
@@ -179,6 +204,7 @@ class FederatedRun:
             out[part] = to_state(total, {k: self.global_state[k] for k in total})
         return out
 
+    @driver_threads
     def run_round(self) -> dict[str, Any]:
         """Train, aggregate, hand out, measure; returns this round's row."""
         cfg, r = self.cfg, self.round
@@ -230,6 +256,7 @@ class FederatedRun:
         return row
 
     # ----- the end ----------------------------------------------------------------------
+    @driver_threads
     def finish(self) -> dict[str, Any]:
         """Final per-client evaluation and fine-tuning; writes clients.parquet and the summary."""
         if not self.done:
@@ -237,7 +264,7 @@ class FederatedRun:
         per_pool = self.pools.finetune(self.round - 1, self.cfg.train.finetune_epochs)
         client_rows = sorted((row for rows in per_pool for row in rows), key=lambda r: r["client"])
         self.writer.write_clients(client_rows)
-        torch.save(self.global_state, self.writer.dir / "model_final.pt")
+        self.writer.write_model(self.global_state)
         summary = self.summary(client_rows)
         self.writer.write_status("finished", round=self.round, rounds=self.cfg.train.rounds,
                                  elapsed_s=self.elapsed, summary=summary)
@@ -281,7 +308,7 @@ class FederatedRun:
         if not any(batches):
             return []
         probe = folder / f".probe-{secrets.token_hex(8)}"
-        probe.touch()
+        open_new(probe).close()
         try:
             direct = self.pools.sees(str(probe))
         finally:
@@ -296,7 +323,8 @@ class FederatedRun:
             replies = self.pools.save_state(requests)
             for pool in files:  # in file order
                 if replies[pool].entries is not None:
-                    torch.save(replies[pool].entries, files[pool])
+                    with open_new(files[pool]) as handle:
+                        torch.save(replies[pool].entries, handle)
                     sizes.append(files[pool].stat().st_size)
                 else:
                     sizes.append(replies[pool].nbytes)
@@ -340,7 +368,7 @@ def run_local(config: ExperimentConfig | dict[str, Any], run_dir: str | Path) ->
     except BaseException as err:
         status = ("diverged" if isinstance(err, DivergenceError) else
                   "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
-        run.writer.write_status(status, error=f"{type(err).__name__}: {err}")
+        run.writer.write_end(status, err)  # as well as the disk allows; the error is this one
         raise
     finally:
         run.close()

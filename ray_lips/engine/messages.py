@@ -63,3 +63,27 @@ class StatePartRequest:
 class StatePartReply:
     nbytes: int = 0  # of the file the pool wrote
     entries: dict[str, dict[int, Tensors]] | None = None  # when it wrote none
+
+
+@dataclass(frozen=True)
+class PoolDevice:
+    """Where a pool runs and what it trains on, as it sees it from inside.
+
+    ``device``: ``cpu`` or e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)``; ``gpu_ids``: the GPUs Ray
+    assigned to the pool (empty without Ray or without GPUs); ``cuda_visible_devices``: that
+    variable in the pool's process (``None`` when unset); ``threads``: torch's threads while
+    the pool trains.
+    """
+
+    pool: int
+    node: str  # host name
+    ip: str | None  # the node's address as Ray knows it; None in one process without Ray
+    pid: int
+    device: str
+    gpu_ids: list[str]
+    cuda_visible_devices: str | None
+    threads: int
+
+    def location(self) -> str:
+        """How error messages name the pool's process."""
+        return f"pid {self.pid} on {self.node}"

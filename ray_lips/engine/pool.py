@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -21,12 +22,13 @@ from ray_lips.algorithms import build_algorithm, build_handout
 from ray_lips.algorithms.base import Tensors
 from ray_lips.allocator import keep_buffers_in_heap
 from ray_lips.batched import supports
-from ray_lips.config import ExperimentConfig
+from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.engine.client_state import ClientStore, EntryInfo
 from ray_lips.engine.messages import (
     HandoutReply,
     HandoutRequest,
+    PoolDevice,
     StatePartReply,
     StatePartRequest,
     TrainReply,
@@ -36,13 +38,57 @@ from ray_lips.engine.payload import DatasetArrays, PoolPayload
 from ray_lips.engine.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
 from ray_lips.memory import current_rss_mb, peak_rss_mb
 from ray_lips.models import build_model, eligible_parameter_names
+from ray_lips.results import open_new
 from ray_lips.training import LocalSettings, accuracy, local_train, recalibrate_batchnorm
 
 
-def pick_device(gpus_per_pool: float) -> torch.device:
-    if gpus_per_pool > 0 and torch.cuda.is_available():
+class CudaUnavailableError(RuntimeError):
+    """A pool must train on CUDA (``resources.device``, ``resources.gpus_per_pool``) but torch
+    sees no CUDA device in its process. The message is one line that stands alone."""
+
+
+def wants_cuda(resources: ResourcesConfig) -> bool:
+    """``resources.device``: ``cuda``, or ``auto`` with GPUs given to each pool."""
+    return resources.device == "cuda" or (resources.device == "auto"
+                                          and resources.gpus_per_pool > 0)
+
+
+def pick_device(resources: ResourcesConfig, pool: int = 0, node: str = "") -> torch.device:
+    """The device a pool trains on; never the CPU in place of a CUDA device it was promised.
+
+    ``pool`` and ``node`` (host, address) only name the pool in the error.
+    """
+    if not wants_cuda(resources):
+        return torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a driver too old for torch
+        warnings.simplefilter("always")
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found > 0:
         return torch.device("cuda")
-    return torch.device("cpu")
+    said = "; ".join(str(w.message).strip().splitlines()[0] for w in caught
+                     if str(w.message).strip())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = (f"resources.gpus_per_pool {resources.gpus_per_pool:g}"
+           if resources.device == "auto" else "resources.device cuda")
+    raise CudaUnavailableError(
+        f"client pool {pool} on {node or socket.gethostname()} must train on CUDA ({why}) but "
+        f"torch sees no CUDA device there (torch.version.cuda {torch.version.cuda}, "
+        f"torch.cuda.device_count() {found}, CUDA_VISIBLE_DEVICES "
+        f"{'unset' if visible is None else repr(visible)}{'; torch: ' + said[:300] if said else ''}"
+        f"); set resources.device: cpu if the pools should train on the CPU")
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu``, or ``cuda:INDEX (NAME)``."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def pool_threads(resources: ResourcesConfig) -> int:
+    """torch's threads in a pool: its whole CPUs, at least one (the same in one process)."""
+    return max(1, int(resources.cpus_per_pool))
 
 
 def local_settings(cfg: ExperimentConfig, epochs: int | None = None) -> LocalSettings:
@@ -101,12 +147,13 @@ class ClientPool:
                  dataset: DatasetArrays | None = None):
         if threads:
             torch.set_num_threads(threads)
+        self.torch_threads = torch.get_num_threads()  # what it trains with
         keep_buffers_in_heap()
         if dataset is not None:  # shipped apart from the payload, once for every pool
             payload = replace(payload, dataset=dataset)
         self.cfg = cfg
-        self.device = pick_device(cfg.resources.gpus_per_pool)
         self.pool_id = payload.pool_id
+        self.device = pick_device(cfg.resources, self.pool_id, self.node())
         self.norm = payload.norm
         self.num_classes = payload.num_classes
         self.shards = payload.client_shards(self.device)
@@ -263,12 +310,25 @@ class ClientPool:
         entries = self.store.export(request.keys)
         if request.file is None:
             return StatePartReply(entries=entries)
-        torch.save(entries, request.file)
+        with open_new(request.file) as handle:  # exclusive create: never through a planted link
+            torch.save(entries, handle)
         return StatePartReply(nbytes=os.path.getsize(request.file))
 
     def import_state(self, state: dict[str, dict[int, Tensors]]) -> None:
         """Adds a checkpoint part's entries of this pool's clients."""
         self.store.add(state, self.device, hosted=set(self.sizes))
+
+    # ----- where it runs ---------------------------------------------------------------
+    def node(self) -> str:
+        """This process's host, for messages (a Ray pool adds the node's address)."""
+        return socket.gethostname()
+
+    def device_info(self) -> PoolDevice:
+        """The device this pool trains on and the process it runs in."""
+        return PoolDevice(pool=self.pool_id, node=socket.gethostname(), ip=None, pid=os.getpid(),
+                          device=describe_device(self.device), gpu_ids=[],
+                          cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                          threads=self.torch_threads)
 
     # ----- for benchmarks ---------------------------------------------------------------
     def peak_rss_mb(self) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -19,17 +19,21 @@ from ray_lips.engine.client_state import EntryInfo
 from ray_lips.engine.messages import (
     HandoutReply,
     HandoutRequest,
+    PoolDevice,
     StatePartReply,
     StatePartRequest,
     TrainReply,
     TrainRequest,
 )
 from ray_lips.engine.payload import DatasetArrays, PoolPayload
-from ray_lips.engine.pool import ClientPool
+from ray_lips.engine.pool import ClientPool, CudaUnavailableError, pool_threads
 from ray_lips.engine.pools import ClientState
 
 # Arguments at least this large go through the object store once, shared by every pool.
 _SHARE_ABOVE_BYTES = 64 * 1024
+# Fine-tuning scores each client four times and recalibrates its BN statistics (forward
+# passes only): counted as this many epochs of training when bounding its first call.
+FINETUNE_EVALUATION_EPOCHS = 2
 
 
 def _shared(value: Any) -> Any:
@@ -52,12 +56,34 @@ class PoolStartError(RuntimeError):
     """The cluster could not place the client pools in time."""
 
 
+@dataclass
+class CallTimes:
+    """How long a run's pool calls have taken: what bounds the next ones. A restart of the
+    run's pools starts from these (``RayPoolFactory(..., times=error.times)``)."""
+
+    slowest: dict[str, float] = field(default_factory=dict)  # kind -> slowest call, seconds
+    # slowest seconds per client-epoch of a training call's busiest pool (0: none timed yet)
+    training_rate: float = 0.0
+
+
 class PoolLostError(RuntimeError):
-    """A client pool died or stopped answering; the run can go on from its last checkpoint."""
+    """A client pool died or stopped answering; the run can go on from its last checkpoint.
+
+    ``times``: the pool calls timed so far, for the pools that take over.
+    """
+
+    def __init__(self, message: str, times: CallTimes | None = None):
+        super().__init__(message)
+        self.times = times
 
 
 class PoolHungError(PoolLostError):
-    """A client pool took far longer than the same call took before."""
+    """A client pool did not answer within its call's deadline (see ``CallDeadlines``)."""
+
+    def __init__(self, message: str, times: CallTimes | None = None, pool: int = -1,
+                 kind: str = "", limit_s: float = 0.0):
+        super().__init__(message, times)
+        self.pool, self.kind, self.limit_s = pool, kind, limit_s
 
 
 class ClientPoolActor(ClientPool):
@@ -68,32 +94,76 @@ class ClientPoolActor(ClientPool):
         torch.set_num_threads(threads)
 
     def setup(self, cfg: ExperimentConfig, payload: PoolPayload,
-              dataset: DatasetArrays | None) -> str:
+              dataset: DatasetArrays | None) -> PoolDevice:
+        """Become the pool of ``payload``; raises ``CudaUnavailableError`` when it must train
+        on CUDA and torch sees none here."""
         ClientPool.__init__(self, cfg, payload, dataset=dataset)
-        return self.location()
+        return self.device_info()
 
     def location(self) -> str:
         return f"pid {os.getpid()} on {socket.gethostname()}"
+
+    def node(self) -> str:
+        return f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+
+    def device_info(self) -> PoolDevice:
+        return replace(ClientPool.device_info(self), ip=ray.util.get_node_ip_address(),
+                       gpu_ids=[str(gpu) for gpu in ray.get_gpu_ids()])
 
 
 class CallDeadlines:
     """How long each kind of pool call may take before its pool counts as hung.
 
-    ``factor`` times the slowest earlier call of the same kind, never less than ``min_s`` and
-    never more than ``timeout_s``; a kind not measured yet gets ``timeout_s``.
+    A kind timed before: ``factor`` times its slowest call, never less than ``min_s``. A kind
+    not timed yet once a training call has been: ``factor`` times an estimate from the
+    training calls (fine-tuning: the seconds per client-epoch of training times the busiest
+    pool's clients times its epochs, plus two for its evaluations; any other kind: the slowest
+    training call), never less than ``min_s``. Before anything is timed: ``factor`` x
+    ``min_s``. Never more than ``timeout_s``.
     """
 
-    def __init__(self, factor: float, min_s: float, timeout_s: float):
+    def __init__(self, factor: float, min_s: float, timeout_s: float,
+                 times: CallTimes | None = None):
         self.factor, self.min_s, self.timeout_s = factor, min_s, timeout_s
-        self.slowest: dict[str, float] = {}
+        self.times = (CallTimes(dict(times.slowest), times.training_rate) if times is not None
+                      else CallTimes())  # a copy: the earlier pools' record stays as it was
 
-    def limit(self, kind: str) -> float:
-        if kind not in self.slowest:
-            return self.timeout_s
-        return min(self.timeout_s, max(self.min_s, self.factor * self.slowest[kind]))
+    @property
+    def slowest(self) -> dict[str, float]:
+        return self.times.slowest
 
-    def record(self, kind: str, seconds: float) -> None:
+    def limit(self, kind: str, client_epochs: float = 0.0) -> tuple[float, str]:
+        """Seconds a ``kind`` call may take, and how that was derived (for the message).
+
+        ``client_epochs``: the work of the call's busiest pool, where it can be estimated
+        from training (fine-tuning)."""
+        bounds = (f"at least resources.hang_min_s {self.min_s:g} s, at most "
+                  f"resources.timeout_s {self.timeout_s:g} s")
+        if kind in self.slowest:
+            seconds = self.factor * self.slowest[kind]
+            how = (f"resources.hang_factor {self.factor:g} x its slowest earlier {kind} "
+                   f"({self.slowest[kind]:.2f} s), {bounds}")
+            return min(self.timeout_s, max(self.min_s, seconds)), how
+        training = self.slowest.get("training")
+        if training is not None:
+            if client_epochs > 0 and self.times.training_rate > 0:
+                estimate = self.times.training_rate * client_epochs
+                source = (f"{self.times.training_rate:.3g} s per client-epoch of training x "
+                          f"{client_epochs:g}")
+            else:
+                estimate, source = training, "the slowest training call"
+            how = (f"first {kind}: resources.hang_factor {self.factor:g} x {estimate:.2f} s "
+                   f"estimated from {source}, {bounds}")
+            return min(self.timeout_s, max(self.min_s, self.factor * estimate)), how
+        how = (f"first {kind}, nothing timed yet: resources.hang_factor {self.factor:g} x "
+               f"resources.hang_min_s {self.min_s:g} s, at most resources.timeout_s "
+               f"{self.timeout_s:g} s")
+        return min(self.timeout_s, self.factor * self.min_s), how
+
+    def record(self, kind: str, seconds: float, client_epochs: float = 0.0) -> None:
         self.slowest[kind] = max(seconds, self.slowest.get(kind, 0.0))
+        if kind == "training" and client_epochs > 0:
+            self.times.training_rate = max(self.times.training_rate, seconds / client_epochs)
 
 
 def start_pool_actors(cfg: ExperimentConfig, resources: ResourcesConfig,
@@ -102,7 +172,7 @@ def start_pool_actors(cfg: ExperimentConfig, resources: ResourcesConfig,
     """``cfg.resources.pools`` empty pool actors, each with its CPUs and GPU fraction (in the
     placement group's bundles from ``first_bundle`` on, when given). Returns at once."""
     actor_cls = ray.remote(ClientPoolActor)
-    threads = max(1, int(resources.cpus_per_pool))
+    threads = pool_threads(resources)
     actors = []
     for index in range(cfg.resources.pools):
         options: dict[str, Any] = {"num_cpus": resources.cpus_per_pool,
@@ -115,24 +185,31 @@ def start_pool_actors(cfg: ExperimentConfig, resources: ResourcesConfig,
 
 
 class RayPools:
-    """One ``ClientPool`` actor per payload, each with its CPUs and GPU fraction."""
+    """One ``ClientPool`` actor per payload, each with its CPUs and GPU fraction.
+
+    ``times``: pool calls timed by the pools this group replaces (see ``CallDeadlines``).
+    """
 
     def __init__(self, cfg: ExperimentConfig, resources: ResourcesConfig,
                  placement_group: PlacementGroup | None = None, first_bundle: int = 0,
-                 started: list[ray.actor.ActorHandle] | None = None):
+                 started: list[ray.actor.ActorHandle] | None = None,
+                 times: CallTimes | None = None):
         self.cfg = cfg
         self.resources = resources
         self.timeout_s = resources.timeout_s
         self.deadlines = CallDeadlines(resources.hang_factor, resources.hang_min_s,
-                                       resources.timeout_s)
+                                       resources.timeout_s, times)
         self.actors = started or start_pool_actors(cfg, resources, placement_group,
                                                    first_bundle)
         self.size = len(self.actors)
         self.locations = ["not started"] * self.size
+        self.placed: list[PoolDevice] = []
+        self.hosted = [0] * self.size  # clients per pool
 
     def load(self, payloads: list[PoolPayload]) -> None:
         """Each pool's clients; waits (at most ``resources.timeout_s``) until every pool is
-        placed and holds them.
+        placed and holds them. A pool that must train on CUDA and sees none stops the run
+        with its ``CudaUnavailableError``.
 
         The dataset goes into the object store once; each pool maps it read-only (one copy per
         node) and gets only its clients' row numbers in its payload.
@@ -150,29 +227,41 @@ class RayPools:
                 f"{self.size} client pools ({res.cpus_per_pool} CPU, {res.gpus_per_pool} GPU "
                 f"each) could not start within {self.timeout_s:.0f} s; the cluster offers "
                 f"{ray.available_resources()}")
-        self.locations = ray.get(refs)
+        try:
+            self.placed = ray.get(refs)
+        except ray.exceptions.RayTaskError as err:
+            self.shutdown()
+            if isinstance(err.cause, CudaUnavailableError):
+                raise err.cause from None
+            raise
+        self.locations = [device.location() for device in self.placed]
+        self.hosted = [len(payload.data.clients) for payload in payloads]
 
-    def _get(self, refs: list[ray.ObjectRef], kind: str) -> list[Any]:
+    def devices(self) -> list[PoolDevice]:
+        return list(self.placed)
+
+    def _get(self, refs: list[ray.ObjectRef], kind: str,
+             client_epochs: float = 0.0) -> list[Any]:
         """Every pool's reply, or a ``PoolLostError`` naming the first pool that died or did
-        not answer within its deadline (see ``CallDeadlines``)."""
-        limit = self.deadlines.limit(kind)
+        not answer within its deadline (see ``CallDeadlines``; ``client_epochs``: the work of
+        the busiest pool, for training and fine-tuning)."""
+        limit, how = self.deadlines.limit(kind, client_epochs)
         started = time.monotonic()
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=limit)
         if pending:
             index = refs.index(pending[0])
             raise PoolHungError(
                 f"client pool {index} ({self.locations[index]}) did not finish {kind} within "
-                f"{limit:.0f} s (resources.hang_factor {self.deadlines.factor:g} x its slowest "
-                f"earlier {kind}, at least resources.hang_min_s {self.deadlines.min_s:g} s, at "
-                f"most resources.timeout_s {self.timeout_s:g} s)")
+                f"{limit:.1f} s ({how})", self.deadlines.times, index, kind, limit)
         replies = []
         for index, ref in enumerate(refs):
             try:
                 replies.append(ray.get(ref))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 raise PoolLostError(f"client pool {index} ({self.locations[index]}) died during "
-                                    f"{kind}: {type(err).__name__}") from None
-        self.deadlines.record(kind, time.monotonic() - started)
+                                    f"{kind}: {type(err).__name__}",
+                                    self.deadlines.times) from None
+        self.deadlines.record(kind, time.monotonic() - started, client_epochs)
         return replies
 
     def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
@@ -183,9 +272,10 @@ class RayPools:
     def train_round(self, requests: list[TrainRequest],
                     message: dict[str, Tensors]) -> list[TrainReply]:
         shared = _shared(message)
+        busiest = max((len(request.participants) for request in requests), default=0)
         return self._get([actor.train_round.remote(request, shared)
                           for actor, request in zip(self.actors, requests, strict=True)],
-                         "training")
+                         "training", busiest * self.cfg.train.local_epochs)
 
     def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
         shared = _shared(state)
@@ -195,8 +285,10 @@ class RayPools:
                           for actor, request in zip(self.actors, requests, strict=True)], kind)
 
     def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
+        # each client fine-tunes ``epochs`` and is scored about as often as an epoch costs
+        work = max(self.hosted, default=0) * (epochs + FINETUNE_EVALUATION_EPOCHS)
         return self._get([a.finetune.remote(round_idx, epochs) for a in self.actors],
-                         "fine-tuning")
+                         "fine-tuning", work)
 
     def state_index(self) -> list[list[EntryInfo]]:
         return self._get([a.state_index.remote() for a in self.actors], "state index")
@@ -227,16 +319,20 @@ class RayPoolFactory:
 
     ``started``: pool actors already started by whoever made the factory (``ray-lips run``
     starts them with the driver actor, so that all their processes load at the same time);
-    the factory's one call uses them instead of starting new ones.
+    the factory's one call uses them instead of starting new ones. ``times``: the pool calls
+    timed before a restart (``PoolLostError.times``), which bound the new pools' first calls.
     """
 
     def __init__(self, resources: ResourcesConfig, placement_group: PlacementGroup | None = None,
-                 first_bundle: int = 0, started: list[ray.actor.ActorHandle] | None = None):
+                 first_bundle: int = 0, started: list[ray.actor.ActorHandle] | None = None,
+                 times: CallTimes | None = None):
         self.resources = resources
         self.placement_group = placement_group
         self.first_bundle = first_bundle
         self.started = started
+        self.times = times
 
     def __call__(self, cfg: ExperimentConfig) -> RayPools:
         started, self.started = self.started, None
-        return RayPools(cfg, self.resources, self.placement_group, self.first_bundle, started)
+        return RayPools(cfg, self.resources, self.placement_group, self.first_bundle, started,
+                        self.times)

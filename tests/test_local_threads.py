@@ -1,0 +1,32 @@
+"""`--local` trains with the threads a Ray pool of the same config has (`cpus_per_pool`)."""
+
+import pandas as pd
+import torch
+
+from ray_lips.config import validate_config
+from ray_lips.engine.experiment import run_local
+from ray_lips.launch import run_on_ray
+
+# Every table: the pools' work runs with a Ray pool's threads, the driver's with a driver actor's.
+TABLES = ("rounds.parquet", "clients.parquet", "layers.parquet")
+
+
+def test_in_process_run_uses_the_pools_threads_and_ends_as_the_ray_run(
+        ray_local, tmp_path, tiny_config):
+    cfg = validate_config(tiny_config)
+    assert cfg.resources.cpus_per_pool == 1  # each Ray pool trains with 1 thread
+    run_on_ray([("ray", cfg, tmp_path / "ray")])
+
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # a caller's count other than the pools'
+    try:
+        run_local(cfg, tmp_path / "local")
+        assert torch.get_num_threads() == 3  # the caller's count is back
+    finally:
+        torch.set_num_threads(caller_threads)
+    for name in TABLES:
+        on_ray = pd.read_parquet(tmp_path / "ray" / name).drop(columns="seconds",
+                                                              errors="ignore")
+        local = pd.read_parquet(tmp_path / "local" / name).drop(columns="seconds",
+                                                              errors="ignore")
+        pd.testing.assert_frame_equal(on_ray, local, check_exact=True, obj=name)

@@ -357,11 +357,9 @@ class RunWriter:
         reused). ``line``: the error as the caller words it (default: its first line). Returns
         whether the status was written."""
         fields = {"status": status, "error": line if line is not None else error_line(err)}
-        try:
+        with contextlib.suppress(OSError):  # no room for a new file: rewrite in place below
             self.write_status(status, error=fields["error"])
             return True
-        except OSError:
-            pass
         current = self._own_status()
         current.update(fields, updated=time.time())
         data = json.dumps(current, indent=2).encode()

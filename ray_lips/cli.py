@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shlex
 import signal
@@ -87,11 +86,8 @@ def _connect_and_check(cfg: ExperimentConfig, address: str | None) -> None:
     try:
         connect(address, while_starting=["ray_lips.launch"])
         check_resources(cfg, concurrent_runs=1)
-    except ClusterError as err:
+    except ClusterError as err:  # connect turns Ray's connection and token errors into these
         _fail(str(err))
-    except ConnectionError as err:  # ray.init: no cluster answers at the address
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        _fail(f"cannot join the Ray cluster ({first}); check --address or $RAY_ADDRESS")
 
 
 def _lock(stack: contextlib.ExitStack, run_dir: Path) -> None:
@@ -169,15 +165,8 @@ def _failure_message(err: Exception, runs: list[Run], created: bool) -> str:
     return f"{line}; {_resume_hint(stopped, 'the others')}" if stopped else line
 
 
-def _status_of(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _unfinished(runs: list[Run]) -> list[Run]:
-    return [run for run in runs if _status_of(run[2]) != "finished"]
+    return [run for run in runs if RunWriter(run[2]).read_status().get("status") != "finished"]
 
 
 def _resume_hint(run_dirs: list[Path], what: str = "") -> str:

@@ -69,6 +69,20 @@ def _rounds_written(runs: Path) -> int:
     return 0
 
 
+def _run_until_three_rounds(config: Path, runs: Path) -> subprocess.Popen:
+    """``ray-lips run CONFIG`` started in the background, returned once three rounds are
+    written (killed if they never are)."""
+    proc = subprocess.Popen([*CLI, "run", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -143,10 +157,8 @@ def test_a_hung_pool_then_a_killed_pool_are_restarted_and_the_numbers_do_not_cha
 def test_sigterm_stops_the_run_as_an_interruption_that_resumes(tmp_path, tiny_config):
     path = _config(tmp_path, tiny_config, rounds=40, checkpoint_every=2)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = _run_until_three_rounds(path, runs)
     try:
-        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
         sent = time.time()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -187,10 +199,8 @@ def test_a_pool_lost_past_its_restarts_ends_with_the_command_that_resumes_this_r
     tiny_config["resources"].update(pool_restarts=0)
     path = _config(tmp_path, tiny_config, rounds=200, checkpoint_every=2)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen([*CLI, "run", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = _run_until_three_rounds(path, runs)
     try:
-        _wait_for(lambda: _rounds_written(runs) >= 3, 180, "three rounds")
         pools = _pools_of(proc.pid)
         assert len(pools) == 2, pools
         os.kill(pools[1], signal.SIGKILL)

@@ -188,7 +188,7 @@ def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | N
         _drive(run, writer, after_round)
     except Exception as err:  # a pool's error arrives wrapped: its cause says what happened
         cause = getattr(err, "cause", None) or err
-        writer.write_end("diverged" if isinstance(err, DivergenceError) else "failed", cause)
+        writer.write_end("diverged" if isinstance(cause, DivergenceError) else "failed", cause)
         raise
     finally:
         if run is not None:

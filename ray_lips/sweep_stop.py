@@ -62,26 +62,32 @@ def sigterm_received() -> bool:
     return _SIGTERM["received"]
 
 
+def mark_if_running(trial_dir: Path, error: str) -> bool:
+    """Mark ``trial_dir``'s run ``interrupted`` (with ``error``) if its ``status.json`` says
+    ``running``; returns whether it did. A folder or status that is a link, damaged or
+    vanishing is left as it is."""
+    status_file = trial_dir / STATUS_FILE
+    if trial_dir.is_symlink() or not trial_dir.is_dir() or status_file.is_symlink():
+        return False
+    try:
+        if not status_file.is_file():
+            return False
+        writer = RunWriter(trial_dir)
+        if writer.read_status().get("status") != "running":
+            return False
+        writer.write_status("interrupted", error=error)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def mark_running_interrupted(experiment_dir: Path) -> int:
     """Mark every trial of ``experiment_dir`` whose ``status.json`` says ``running`` as
-    ``interrupted``; returns how many. Trial folders that are links are skipped."""
-    marked = 0
+    ``interrupted``; returns how many."""
     if not experiment_dir.is_dir():
         return 0
-    for trial_dir in sorted(experiment_dir.iterdir()):
-        status_file = trial_dir / STATUS_FILE
-        if trial_dir.is_symlink() or not trial_dir.is_dir() or status_file.is_symlink():
-            continue
-        try:
-            if not status_file.is_file():
-                continue
-            writer = RunWriter(trial_dir)
-            if writer.read_status().get("status") == "running":
-                writer.write_status("interrupted", error=INTERRUPTED_BY_SIGTERM)
-                marked += 1
-        except (OSError, ValueError):  # a damaged or vanishing folder: leave it as it is
-            continue
-    return marked
+    return sum(mark_if_running(trial_dir, INTERRUPTED_BY_SIGTERM)
+               for trial_dir in sorted(experiment_dir.iterdir()))
 
 
 def stop_trial_actors() -> None:

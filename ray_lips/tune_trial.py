@@ -53,6 +53,7 @@ from ray_lips.sweep import (
     trial_config,
     trial_label,
 )
+from ray_lips.sweep_stop import mark_if_running
 
 SPEC_FILE = "sweep_spec.yaml"
 WINDOW_KEYS = ("acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window")
@@ -327,14 +328,9 @@ def mark_interrupted(results: tune.ResultGrid) -> int:
     """After the sweep has returned, a trial whose run still says ``running`` was stopped with
     it (Ctrl+C, SIGTERM): say so in its status.json, so that reports and ``ray-lips report`` do
     not show it as running. Returns how many were marked."""
-    marked = 0
-    for result in results:
-        path = Path(result.path) if result.path else None
-        if path is not None and _run_status(path).get("status") == "running":
-            RunWriter(path).write_status("interrupted", error="the sweep stopped before this "
-                                         "trial finished; ray-lips sweep SPEC --resume continues")
-            marked += 1
-    return marked
+    return sum(mark_if_running(Path(result.path), "the sweep stopped before this trial "
+                               "finished; ray-lips sweep SPEC --resume continues")
+               for result in results if result.path)
 
 
 

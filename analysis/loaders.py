@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 
 from analysis.methods import ALGORITHMS, LIPS_SECTION, fmt_value, method_of, varying_knobs
-from ray_lips.results import CONFIG_FILE, STATUS_FILE  # the run folder's names, as written
+from ray_lips.core.run_folder import CONFIG_FILE, STATUS_FILE  # the run folder's names, as written
 
 TUNE_PARAMS = "params.json"
 TUNE_ERROR = "error.txt"

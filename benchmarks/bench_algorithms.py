@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from ray_lips.batched import ClientGroup
 from ray_lips.models import build_model
-from ray_lips.training import Correction, LocalSettings, Normalisation, local_train
+from ray_lips.training.batched import ClientGroup
+from ray_lips.training.local import Correction, LocalSettings, Normalisation, local_train
 
 
 def corrections(state: dict[str, torch.Tensor], params: list[str]) -> dict[str, Correction | None]:

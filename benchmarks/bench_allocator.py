@@ -1,4 +1,5 @@
-"""What the pools' malloc thresholds (ray_lips.allocator) are worth: page faults and seconds of
+"""What the pools' malloc thresholds (ray_lips.pools.allocator) are worth: page faults and
+seconds of
 15 smallcnn training steps (50 samples of 3x32x32, one thread), glibc's defaults against the
 pools' setting, each in a fresh interpreter, repeated.
 
@@ -16,7 +17,7 @@ STEPS = textwrap.dedent("""
     import resource, sys, time
     import torch
     from torch import nn
-    from ray_lips.allocator import keep_buffers_in_heap
+    from ray_lips.pools.allocator import keep_buffers_in_heap
     from ray_lips.models import build_model
 
     torch.set_num_threads(1)

@@ -56,9 +56,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from common import ROOT, markdown_table  # noqa: E402
 
-from ray_lips.batched import ClientGroup  # noqa: E402
 from ray_lips.models import build_model  # noqa: E402
-from ray_lips.training import LocalSettings, Normalisation, local_train  # noqa: E402
+from ray_lips.training.batched import ClientGroup  # noqa: E402
+from ray_lips.training.local import LocalSettings, Normalisation, local_train  # noqa: E402
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -123,7 +123,7 @@ def reset_peak(device: torch.device) -> None:
 def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from ray_lips.memory import peak_rss_mb
+    from ray_lips.pools.memory import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -558,8 +558,8 @@ def instrumented(run: Any, clock: PhaseClock) -> Iterator[None]:
     - inertia: ``layer_metrics``; write: the run folder's tables, status and checkpoints;
     - other: the rest of the round (loading groups, copying states, bookkeeping).
     """
-    import ray_lips.engine.experiment as experiment_mod
-    import ray_lips.engine.pool as pool_mod
+    import ray_lips.core.run as experiment_mod
+    import ray_lips.pools.client_pool as pool_mod
 
     saved = (pool_mod.add_client, experiment_mod.layer_metrics)
     pool_mod.add_client = clock.wrap("aggregate", pool_mod.add_client)
@@ -584,7 +584,7 @@ def instrumented(run: Any, clock: PhaseClock) -> Iterator[None]:
 def cached_datasets() -> Iterator[None]:
     """Generate each synthetic dataset once per process (variants share it); the engine reads
     the dataset, never changes it."""
-    import ray_lips.engine.experiment as experiment_mod
+    import ray_lips.core.run as experiment_mod
 
     original = experiment_mod.load_dataset
     cache: dict[str, Any] = {}
@@ -639,7 +639,7 @@ def round_config(model: str, mode: str, precision: str, sizes: Sizes, device: to
 
 def run_rounds(args: argparse.Namespace, sizes: Sizes, device: torch.device, out: Path,
                budget: Budget) -> dict[str, Any]:
-    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.core.run import FederatedRun
 
     variants = [v.split(":") for v in (args.variants or sizes.variants).split(",")]
     timed = args.rounds or sizes.rounds
@@ -781,7 +781,7 @@ def rounds_text(rows: list[dict[str, Any]], sizes: Sizes) -> str:
 # ----- part 3: fp32 against bf16 ------------------------------------------------------------
 def run_accuracy(args: argparse.Namespace, sizes: Sizes, device: torch.device, out: Path,
                  budget: Budget) -> dict[str, Any]:
-    from ray_lips.engine.experiment import FederatedRun, windowed
+    from ray_lips.core.run import FederatedRun, windowed
 
     rounds = args.acc_rounds if args.acc_rounds is not None else sizes.acc_rounds
     seeds = [int(s) for s in args.acc_seeds.split(",")]

@@ -13,7 +13,7 @@ One workload, three orchestrations, interleaved in one run (each in a fresh proc
   user types (``ray-lips run``, which also starts the driver actor and writes the run folder).
 
 Same data (ray-lips's partition of the synthetic 3x32x32 set, Dirichlet 0.1), same initial
-model, same local training (``ray_lips.training.local_train``: SGD lr 0.1, momentum 0.9,
+model, same local training (``ray_lips.training.local.local_train``: SGD lr 0.1, momentum 0.9,
 batch 100, the same per-client, per-round batch order), every client in every round, no
 federated evaluation in Flower (ray-lips evaluates in its first and last round; that is in
 its numbers). So the final models differ only by how each averages (Flower: float32; serial:
@@ -95,9 +95,9 @@ def export_workload(config: dict[str, Any], path: Path) -> dict[str, Any]:
     import torch
 
     from ray_lips.config import validate_config
+    from ray_lips.core.run import build_payloads, initial_model
     from ray_lips.data import load_dataset
-    from ray_lips.engine.experiment import build_payloads, initial_model
-    from ray_lips.engine.pool import local_settings
+    from ray_lips.pools.client_pool import local_settings
 
     cfg = validate_config(config)
     dataset = load_dataset(cfg.data)
@@ -130,12 +130,12 @@ def serial_worker(job: dict[str, Any]) -> dict[str, Any]:
     workload's dtype (its initial state's)."""
     import torch
 
-    from ray_lips.allocator import keep_buffers_in_heap
+    from ray_lips.core.aggregate import FixedSum, add_client, to_state
+    from ray_lips.core.seeding import torch_generator
     from ray_lips.data.augment import Normalisation
-    from ray_lips.engine.aggregate import FixedSum, add_client, to_state
     from ray_lips.models import build_model
-    from ray_lips.seeding import torch_generator
-    from ray_lips.training import LocalSettings, local_train
+    from ray_lips.pools.allocator import keep_buffers_in_heap
+    from ray_lips.training.local import LocalSettings, local_train
 
     average = job.get("average", "float64")
     if average not in ("float64", "fixed"):
@@ -176,10 +176,10 @@ def serial_worker(job: dict[str, Any]) -> dict[str, Any]:
 def raylips_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ray_lips import runtime
+    from ray_lips.cluster import connect as runtime
     from ray_lips.config import validate_config
-    from ray_lips.engine.experiment import FederatedRun
-    from ray_lips.engine.ray_pools import RayPoolFactory
+    from ray_lips.core.run import FederatedRun
+    from ray_lips.pools.ray_actors import RayPoolFactory
 
     cfg = validate_config(job["config"])
     runtime.connect(num_cpus=job["cpus"])
@@ -322,7 +322,7 @@ def score(rows: list[dict[str, Any]], test: dict[str, Any]) -> None:
     import torch
 
     from ray_lips.models import build_model
-    from ray_lips.training import accuracy
+    from ray_lips.training.local import accuracy
 
     model = build_model(test["model"], test["sample_shape"], test["num_classes"])
     states = {r["mode"]: torch.load(r["final_state"], weights_only=True) for r in rows}

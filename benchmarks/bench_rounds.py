@@ -5,7 +5,7 @@ One run measures, on the same workload (the paper's client shape: 100 clients x 
 
 - floor: the same clients' ``local_train`` one after another in one process: no Ray, no
   aggregation, no hand-out, all CPU threads (``--cpus``), with the malloc thresholds every
-  pool sets (``ray_lips.allocator``); and once more with glibc's defaults, to show what that
+  pool sets (``ray_lips.pools.allocator``); and once more with glibc's defaults, to show what that
   setting is worth;
 - ray-lips on a private local Ray with 1 pool (``--cpus`` threads) and 2 pools (half each),
   training one client at a time (``train.batched=false``) and batched (``true``) with the
@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     wait_for_quiet,
 )
 
-from ray_lips.memory import peak_rss_mb  # noqa: E402
+from ray_lips.pools.memory import peak_rss_mb  # noqa: E402
 
 MODES = [  # (label, pools, batched, group): group None = the default for the device
     ("ray-lips, one at a time", 1, False, None),
@@ -83,13 +83,13 @@ def floor_worker(job: dict[str, Any]) -> dict[str, Any]:
     """The floor: local_train of every client of one round, one after another, nothing else."""
     import torch
 
-    from ray_lips.allocator import keep_buffers_in_heap
     from ray_lips.config import validate_config
+    from ray_lips.core.run import build_payloads, initial_model
+    from ray_lips.core.seeding import torch_generator
     from ray_lips.data import load_dataset
-    from ray_lips.engine.experiment import build_payloads, initial_model
-    from ray_lips.engine.pool import local_settings, pick_device
-    from ray_lips.seeding import torch_generator
-    from ray_lips.training import local_train
+    from ray_lips.pools.allocator import keep_buffers_in_heap
+    from ray_lips.pools.client_pool import local_settings, pick_device
+    from ray_lips.training.local import local_train
 
     torch.set_num_threads(job["cpus"])
     if job["tuned_malloc"]:
@@ -125,14 +125,14 @@ def ray_worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_lips.config import ExperimentConfig
-    from ray_lips.engine.experiment import FederatedRun
-    from ray_lips.engine.pools import local_pools
+    from ray_lips.core.run import FederatedRun
+    from ray_lips.pools.in_process import local_pools
 
     torch.set_num_threads(job["cpus"])
     cfg = ExperimentConfig.model_validate(job["config"])
     make_pools = local_pools  # in this process, pools one after another (--no-ray)
     if not job["no_ray"]:
-        from ray_lips.engine.ray_pools import RayPoolFactory
+        from ray_lips.pools.ray_actors import RayPoolFactory
 
         start_ray(job["cpus"], 1 if job["device"] == "cuda" else 0)
         make_pools = RayPoolFactory(cfg.resources)

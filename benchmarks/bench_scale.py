@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit, load, markdown_table, run_worker, start_ray  # noqa: E402
 
-from ray_lips.memory import current_rss_mb as rss_mb  # noqa: E402
-from ray_lips.memory import peak_rss_mb  # noqa: E402
+from ray_lips.pools.memory import current_rss_mb as rss_mb  # noqa: E402
+from ray_lips.pools.memory import peak_rss_mb  # noqa: E402
 
 PARTICIPANTS = 100
 
@@ -58,8 +58,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ray_lips.config import ExperimentConfig
-    from ray_lips.engine.experiment import FederatedRun
-    from ray_lips.engine.ray_pools import RayPoolFactory
+    from ray_lips.core.run import FederatedRun
+    from ray_lips.pools.ray_actors import RayPoolFactory
 
     torch.set_num_threads(1)
     start_ray(job["cpus"], 0)

@@ -4,7 +4,8 @@ The evidence behind ``train.batched: auto``'s group size. For each workload it t
 training step (forward, backward, SGD with momentum) of
 
 - ``local_train``'s model as is (NCHW) and channels-last, one client;
-- the batched wide model (``ray_lips.batched.ClientGroup``) with groups of G clients, NCHW and
+- the batched wide model (``ray_lips.training.batched.ClientGroup``) with groups of G clients,
+  NCHW and
   channels-last; per client = step time / G.
 
 Best of ``--repeats`` after a warm-up, so other work on the machine disturbs it little. A
@@ -30,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table  # noqa: E402
 
-from ray_lips.allocator import keep_buffers_in_heap  # noqa: E402
-from ray_lips.batched import ClientGroup, _client_losses, _SlotwiseSGD  # noqa: E402
 from ray_lips.models import build_model  # noqa: E402
-from ray_lips.training import Normalisation  # noqa: E402
+from ray_lips.pools.allocator import keep_buffers_in_heap  # noqa: E402
+from ray_lips.training.batched import ClientGroup, _client_losses, _SlotwiseSGD  # noqa: E402
+from ray_lips.training.local import Normalisation  # noqa: E402
 
 WORKLOADS = {  # name: (model, sample shape, batch)
     "smallcnn 3x32x32 b100 (paper shape)": ("smallcnn", (3, 32, 32), 100),

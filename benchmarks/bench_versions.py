@@ -46,14 +46,19 @@ def worker(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    try:  # the engine package (this tree)
-        from ray_lips.config import validate_config
-        from ray_lips.engine.experiment import FederatedRun
+    import importlib
 
-        cfg = validate_config(job["config"])
-    except ImportError:  # before ray_lips.engine existed: the driver took a dict
-        from ray_lips.experiment import FederatedRun
+    from ray_lips.config import validate_config
 
+    cfg = validate_config(job["config"])
+    # where the driver loop lived: today, before the layout of folders, before the engine package
+    for where in ("ray_lips.core.run", "ray_lips.engine.experiment", "ray_lips.experiment"):
+        try:
+            FederatedRun = importlib.import_module(where).FederatedRun  # noqa: N806
+            break
+        except ImportError:
+            continue
+    if where == "ray_lips.experiment":  # that driver took a dict
         cfg = job["config"]
     import ray_lips
 

@@ -100,7 +100,7 @@ else
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-if ! "$PY" -c "import ray_lips.engine.experiment, ray_lips.cli; import sys; \
+if ! "$PY" -c "import ray_lips.core.run, ray_lips.cli.commands; import sys; \
 assert 'ray' not in sys.modules; print('ray_lips imports without Ray')"; then
     echo "ray_lips does not import; stopping"
     exit 1

@@ -46,11 +46,11 @@ def _channels_last_batches(*args, **kwargs) -> torch.Tensor:
 
 
 def measure(seeds: int) -> dict[str, float]:
-    from ray_lips import training
-    from ray_lips.batched import ClientGroup
     from ray_lips.data.augment import prepare_batch
     from ray_lips.models import build_model
-    from ray_lips.training import LocalSettings, Normalisation, local_train
+    from ray_lips.training import local as training
+    from ray_lips.training.batched import ClientGroup
+    from ray_lips.training.local import LocalSettings, Normalisation, local_train
 
     torch.set_num_threads(1)
     one = LocalSettings(epochs=1, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4)

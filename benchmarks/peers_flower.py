@@ -3,7 +3,8 @@ engine (``flwr.simulation.run_simulation``, Ray backend). Runs in ``benchmarks/.
 (``benchmarks/make_flower_venv.sh``), never in ray-lips's environment: Flower pins its own Ray.
 
 The workload file (written by ``bench_peers.py``) holds every client's training arrays, the
-initial model and the local settings. A ClientApp trains with ``ray_lips.training.local_train``
+initial model and the local settings. A ClientApp trains with
+``ray_lips.training.local.local_train``
 and the same per-client, per-round batch-order generator as ray-lips and the serial loop, so
 the three differ only in orchestration and in how they average. Flower's own ``FedAvg``
 strategy aggregates (weighted by the number of examples); training replies only, no federated
@@ -33,10 +34,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
+from ray_lips.core.seeding import torch_generator  # noqa: E402
 from ray_lips.data.augment import Normalisation  # noqa: E402
 from ray_lips.models import build_model  # noqa: E402
-from ray_lips.seeding import torch_generator  # noqa: E402
-from ray_lips.training import LocalSettings, local_train  # noqa: E402
+from ray_lips.training.local import LocalSettings, local_train  # noqa: E402
 
 WORKLOAD_ENV = "BENCH_PEERS_WORKLOAD"
 

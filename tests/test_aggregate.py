@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ray_lips.engine.aggregate import (
+from ray_lips.core.aggregate import (
     FRACTION_BITS,
     DivergenceError,
     add_client,

@@ -13,16 +13,12 @@ from torch import nn
 
 from ray_lips.algorithms import ALGORITHMS, build_algorithm
 from ray_lips.algorithms.base import Trained, TrainJob
-from ray_lips.config import (
-    SPARSE_HANDOUT_ALGORITHMS,
-    AlgorithmName,
-    ConfigError,
-    validate_config,
-)
-from ray_lips.engine.aggregate import add_client, to_state
-from ray_lips.engine.client_state import ClientStore
-from ray_lips.engine.experiment import FederatedRun, run_local
-from ray_lips.training import LocalResult, correct_gradients
+from ray_lips.config import ConfigError, validate_config
+from ray_lips.config.schema import SPARSE_HANDOUT_ALGORITHMS, AlgorithmName
+from ray_lips.core.aggregate import add_client, to_state
+from ray_lips.core.run import FederatedRun, run_local
+from ray_lips.pools.client_store import ClientStore
+from ray_lips.training.local import LocalResult, correct_gradients
 
 TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 
@@ -239,11 +235,11 @@ def test_scaffold_with_momentum_sgd_still_reaches_the_optimum(tiny_config):
 
 # ----- personalised and local algorithms -------------------------------------------------------
 def test_local_only_is_each_client_training_alone(tmp_path, tiny_config):
+    from ray_lips.core.run import build_payloads, initial_model
     from ray_lips.data import load_dataset
-    from ray_lips.engine.experiment import build_payloads, initial_model
-    from ray_lips.engine.pool import local_settings
-    from ray_lips.engine.trainers import stream_generators
-    from ray_lips.training import local_train
+    from ray_lips.pools.client_pool import local_settings
+    from ray_lips.training.local import local_train
+    from ray_lips.training.trainers import stream_generators
 
     tree = _config(tiny_config, "local")
     tree["train"].update(batched=False, rounds=3)

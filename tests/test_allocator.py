@@ -17,7 +17,7 @@ import pytest
 PROBE = textwrap.dedent("""
     import ctypes, json, sys
     import torch
-    from ray_lips.allocator import keep_buffers_in_heap
+    from ray_lips.pools.allocator import keep_buffers_in_heap
 
     class Info(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

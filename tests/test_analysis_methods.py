@@ -35,7 +35,7 @@ from analysis.methods import (
 from analysis.paired import paired_frame, paired_table
 from analysis.report import build_report
 from analysis.tables import best_table, final_table, gain_grid
-from ray_lips.report_cli import report
+from ray_lips.cli.report import report
 
 SEEDS = (0, 1, 2)
 ROUNDS, WINDOW = 4, 2

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ray_lips.cluster.sweep_spec import load_spec
 from ray_lips.config import validate_config
 from ray_lips.data.augment import (
     REFERENCE,
@@ -25,7 +26,6 @@ from ray_lips.data.augment import (
     rotate,
 )
 from ray_lips.data.datasets import ArrayDataset
-from ray_lips.sweep import load_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -223,7 +223,7 @@ def test_the_paper_specs_use_the_reference_pipeline(name):
 
 
 def test_pools_receive_the_reference_pipeline():
-    from ray_lips.engine.experiment import build_payloads
+    from ray_lips.core.run import build_payloads
 
     cfg = validate_config({"data": {"dataset": "cifar100", "augment": "reference",
                                     "partition": "iid", "clients": 2, "train_per_client": 4,

@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from ray_lips import training
-from ray_lips.batched import ClientGroup, supports
 from ray_lips.config import validate_config
-from ray_lips.engine.aggregate import FRACTION_BITS, to_state
-from ray_lips.engine.experiment import build_payloads, initial_model
-from ray_lips.engine.messages import HandoutRequest, TrainRequest
-from ray_lips.engine.payload import ClientShard, PackedShards, PoolPayload
-from ray_lips.engine.pool import ClientPool, batch_clients
+from ray_lips.core.aggregate import FRACTION_BITS, to_state
+from ray_lips.core.run import build_payloads, initial_model
 from ray_lips.models import build_model, eligible_parameter_names
-from ray_lips.training import Correction, LocalSettings, Normalisation, local_train
+from ray_lips.pools.client_pool import ClientPool, batch_clients
+from ray_lips.pools.messages import HandoutRequest, TrainRequest
+from ray_lips.pools.payload import ClientShard, PackedShards, PoolPayload
+from ray_lips.training import local as training
+from ray_lips.training.batched import ClientGroup, supports
+from ray_lips.training.local import Correction, LocalSettings, Normalisation, local_train
 
 SETTINGS = LocalSettings(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
 # Float64 training by the two paths agrees to float64 rounding (1e-16) as a few SGD steps carry
@@ -292,10 +292,10 @@ def test_models_that_mix_channels_are_not_batched():
 @pytest.fixture
 def groups_of(monkeypatch):
     """Make pools use groups of ``n`` clients (on CPU they default to 1)."""
-    import ray_lips.engine.pool
+    import ray_lips.pools.client_pool
 
     def use(n: int) -> None:
-        monkeypatch.setattr(ray_lips.engine.pool, "batch_clients", lambda cfg, device: n)
+        monkeypatch.setattr(ray_lips.pools.client_pool, "batch_clients", lambda cfg, device: n)
 
     return use
 
@@ -429,7 +429,7 @@ def test_batched_runs_give_the_same_numbers_with_one_or_three_pools(tmp_path, ti
                                                                     groups_of, group):
     import pandas as pd
 
-    from ray_lips.engine.experiment import run_local
+    from ray_lips.core.run import run_local
 
     groups_of(group)  # 6 clients: 1 pool has groups of 4 + 2; 3 pools, groups of 2 (padded)
 

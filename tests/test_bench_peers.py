@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_peers  # noqa: E402
 
 from ray_lips.config import validate_config  # noqa: E402
-from ray_lips.engine.experiment import FederatedRun  # noqa: E402
+from ray_lips.core.run import FederatedRun  # noqa: E402
 
 
 def _tiny_config(output: Path) -> dict:

@@ -22,9 +22,9 @@ from PIL import Image
 from torch import nn
 
 from ray_lips.config import ConfigError, validate_config
+from ray_lips.config.checks import check_before_ray
 from ray_lips.data import dataset_info, load_dataset
 from ray_lips.models import build_model, check_lips_eligible, eligible_parameter_names
-from ray_lips.preflight import check_before_ray
 
 DATA = textwrap.dedent("""
     import numpy as np
@@ -545,7 +545,7 @@ def test_a_local_run_with_the_users_dataset_and_model_through_the_cli(pkg, tmp_p
                   lips={"sparsity": 0.5, "period": 1})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     script = Path(sys.executable).with_name("ray-lips")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "ray_lips.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ray_lips.cli.commands"]
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": "."}
     result = subprocess.run([*command, "run", "config.yaml", "--local"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=env)
@@ -569,7 +569,7 @@ def test_a_nan_in_an_npz_stops_the_command_before_any_run_folder_or_ray(tmp_path
               "train": {"rounds": 1, "batch_size": 10}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", "config.yaml",
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "run", "config.yaml",
                              "--local"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 2, result.stderr
@@ -588,7 +588,7 @@ def test_a_nan_in_an_npz_stops_a_sweep_before_ray(tmp_path):
             "sweep": {"grid": {"seed": [0, 1]}, "storage_path": str(tmp_path / "results")}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "sweep", "spec.yaml"],
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "sweep", "spec.yaml"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

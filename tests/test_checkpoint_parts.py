@@ -10,13 +10,13 @@ import pytest
 import torch
 from ray import tune
 
+from ray_lips.cluster.tune_trial import adopt_checkpoint, pack_checkpoint
 from ray_lips.config import validate_config
-from ray_lips.engine import experiment
-from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.messages import StatePartRequest
-from ray_lips.engine.pool import ClientPool
-from ray_lips.results import CheckpointError, RunWriter, client_state_folder
-from ray_lips.tune_trial import adopt_checkpoint, pack_checkpoint
+from ray_lips.core import run as experiment
+from ray_lips.core.run import FederatedRun
+from ray_lips.core.run_folder import CheckpointError, RunWriter, client_state_folder
+from ray_lips.pools.client_pool import ClientPool
+from ray_lips.pools.messages import StatePartRequest
 
 SLOT = "scaffold.c"
 
@@ -185,7 +185,7 @@ def test_a_tune_checkpoint_carries_the_client_state_parts(tmp_path, tiny_config,
 
 def test_ray_pools_stream_their_state_into_the_parts(ray_local, tmp_path, tiny_config,
                                                      monkeypatch):
-    from ray_lips.engine.ray_pools import RayPoolFactory
+    from ray_lips.pools.ray_actors import RayPoolFactory
 
     monkeypatch.setattr(experiment, "STATE_PART_BYTES", 1)
     cfg = validate_config(_scaffold(tiny_config, pools=2))
@@ -262,7 +262,7 @@ def test_a_legacy_part_with_the_old_gradient_slot_name_still_resumes(tmp_path, t
 
 def test_spilled_entries_are_named_by_numbers_inside_the_spill_folder(tmp_path):
     """Whatever a slot is called, its spilled entries stay in the store's own folder."""
-    from ray_lips.engine.client_state import ClientStore
+    from ray_lips.pools.client_store import ClientStore
 
     (tmp_path / "escape").mkdir()
     store = ClientStore(budget_bytes=1, spill_root=str(tmp_path / "spill" / "deep"))

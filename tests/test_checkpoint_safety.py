@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun, run_local
-from ray_lips.results import CheckpointError, RunWriter
+from ray_lips.core.run import FederatedRun, run_local
+from ray_lips.core.run_folder import CheckpointError, RunWriter
 
 
 class _Payload:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-CLI = [sys.executable, "-m", "ray_lips.cli"]
+CLI = [sys.executable, "-m", "ray_lips.cli.commands"]
 
 
 def _config(tmp_path: Path, tree: dict, **train) -> Path:
@@ -108,7 +108,7 @@ def test_resume_of_a_folder_that_is_not_a_run_changes_nothing(tmp_path):
 
 def test_resume_of_a_finished_run_says_so_without_training(tmp_path, tiny_config):
     from ray_lips.config import validate_config
-    from ray_lips.engine.experiment import run_local
+    from ray_lips.core.run import run_local
 
     tiny_config["train"].update(rounds=1, finetune_epochs=0)
     run_local(validate_config(tiny_config), tmp_path / "done")
@@ -122,8 +122,8 @@ def test_resume_of_a_finished_run_says_so_without_training(tmp_path, tiny_config
 
 def test_a_second_resume_of_a_run_in_use_is_refused_naming_the_holder(tmp_path, tiny_config):
     from ray_lips.config import validate_config
-    from ray_lips.engine.experiment import FederatedRun
-    from ray_lips.results import run_lock
+    from ray_lips.core.run import FederatedRun
+    from ray_lips.core.run_folder import run_lock
 
     tiny_config["train"].update(rounds=3)
     run = FederatedRun(validate_config(tiny_config), tmp_path / "busy")
@@ -204,7 +204,7 @@ def test_the_command_checks_a_run_without_loading_torch(tmp_path, tiny_config):
     and Ray starts while torch loads in the background (``runtime.connect``)."""
     path = _config(tmp_path, tiny_config)
     probe = ("import sys\n"
-             "from ray_lips.cli import _load, _preflight\n"
+             "from ray_lips.cli.commands import _load, _preflight\n"
              f"_preflight(_load({str(path)!r}, ()))\n"
              "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -253,7 +253,7 @@ def test_a_refused_checkpoint_on_ray_is_one_line_with_no_resume_hint_and_the_fol
     import torch
 
     from ray_lips.config import validate_config
-    from ray_lips.engine.experiment import FederatedRun
+    from ray_lips.core.run import FederatedRun
 
     tiny_config["train"].update(rounds=4, checkpoint_every=1)
     run = FederatedRun(validate_config(tiny_config), tmp_path / "run")
@@ -278,7 +278,7 @@ def test_a_refused_checkpoint_on_ray_is_one_line_with_no_resume_hint_and_the_fol
 
 
 def test_a_gain_is_shown_only_against_another_method():
-    from ray_lips.cli import _summary_table
+    from ray_lips.cli.commands import _summary_table
 
     summary = {"acc_global_window": 0.5, "acc_after_window": 0.6, "seconds_per_round": 1.0}
     alone = _summary_table({"fedavg": summary})

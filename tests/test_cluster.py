@@ -60,11 +60,11 @@ def _env() -> dict[str, str]:
 
 def _sweep_command() -> list[str]:
     """`ray-lips sweep` once the command is registered on the main group."""
-    from ray_lips.cli import main
+    from ray_lips.cli.commands import main
 
     if "sweep" in main.commands:
         return ["ray-lips", "sweep"]
-    return ["python", "-m", "ray_lips.sweep_cli"]
+    return ["python", "-m", "ray_lips.cli.sweep"]
 
 
 def _our_pids(marker: str) -> list[int]:
@@ -353,7 +353,7 @@ def test_ray_lips_run_finds_the_clusters_token_by_itself(head, tmp_path):
 
 CONNECT = """
 import sys
-from ray_lips.runtime import ClusterError, connect
+from ray_lips.cluster.connect import ClusterError, connect
 try:
     connect(sys.argv[1])
 except ClusterError as err:

@@ -17,7 +17,7 @@ import yaml
 from test_cli import CLI, ENV, _config
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import run_local
+from ray_lips.core.run import run_local
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun, run_local
-from ray_lips.results import RunWriter
+from ray_lips.core.run import FederatedRun, run_local
+from ray_lips.core.run_folder import RunWriter
 
 TABLE_COLUMNS = {
     "rounds.parquet": {"round", "density", "acc_before", "acc_after", "acc_global",

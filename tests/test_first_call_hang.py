@@ -20,8 +20,8 @@ from test_cli import CLI, ENV, _config
 from test_faults import _same_tables
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.ray_pools import CallDeadlines, CallTimes, PoolHungError, RayPoolFactory
+from ray_lips.core.run import FederatedRun
+from ray_lips.pools.ray_actors import CallDeadlines, CallTimes, PoolHungError, RayPoolFactory
 
 HANG = {"hang_min_s": 5, "hang_factor": 2, "timeout_s": 90}
 

@@ -5,7 +5,7 @@ import json
 import socket
 from pathlib import Path
 
-from ray_lips.jobpaths import durable_path, in_ray_job, ray_job_id, where
+from ray_lips.cluster.jobpaths import durable_path, in_ray_job, ray_job_id, where
 
 # What Ray 2.60's job supervisor puts in a job entrypoint's environment (seen in a real job)
 JOB_ENV = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip",

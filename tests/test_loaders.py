@@ -15,7 +15,7 @@ import torch
 from conftest import TINY
 
 from analysis.loaders import error_reason, find_runs, load, load_runs
-from ray_lips.engine.experiment import run_local
+from ray_lips.core.run import run_local
 
 SEEDS = (0, 1, 2)
 METHODS = (("fedavg", 0.5, 2), ("lips", 0.5, 2), ("lips", 0.7, 2), ("lips", 0.5, 3))

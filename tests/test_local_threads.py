@@ -3,9 +3,9 @@
 import pandas as pd
 import torch
 
+from ray_lips.cluster.driver import run_on_ray
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import run_local
-from ray_lips.launch import run_on_ray
+from ray_lips.core.run import run_local
 
 # Every table: the pools' work runs with a Ray pool's threads, the driver's with a driver actor's.
 TABLES = ("rounds.parquet", "clients.parquet", "layers.parquet")

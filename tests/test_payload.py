@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from ray_lips.config import validate_config
+from ray_lips.core.run import build_payloads
 from ray_lips.data import load_dataset
-from ray_lips.engine.experiment import build_payloads
-from ray_lips.engine.payload import GatheredShards
+from ray_lips.pools.payload import GatheredShards
 
 
 def _config(clients: int = 400) -> dict:

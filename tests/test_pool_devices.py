@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun, run_local
-from ray_lips.engine.pool import CudaUnavailableError
+from ray_lips.core.run import FederatedRun, run_local
+from ray_lips.pools.client_pool import CudaUnavailableError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device here")
 

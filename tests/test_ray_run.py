@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
+from ray_lips.cluster.driver import run_on_ray
 from ray_lips.config import ConfigError, validate_config
-from ray_lips.engine.experiment import run_local
-from ray_lips.launch import run_on_ray
-from ray_lips.results import RunWriter
+from ray_lips.core.run import run_local
+from ray_lips.core.run_folder import RunWriter
 
 
 def test_ray_run_matches_the_in_process_run(ray_local, tmp_path, tiny_config):
@@ -31,7 +31,7 @@ def test_ray_run_matches_the_in_process_run(ray_local, tmp_path, tiny_config):
 def test_progress_eta_of_a_resumed_run_counts_only_the_rounds_run_now():
     import io
 
-    from ray_lips.launch import Progress
+    from ray_lips.cluster.driver import Progress
 
     stream = io.StringIO()
     progress = Progress("run", rounds=100, stream=stream, already_done=50)
@@ -49,8 +49,8 @@ def test_pools_started_before_the_data_are_stopped_when_the_data_fail_to_load(
     user's function that raises) must not leave them holding their CPUs."""
     import ray
 
-    from ray_lips.engine.experiment import FederatedRun
-    from ray_lips.engine.ray_pools import RayPoolFactory
+    from ray_lips.core.run import FederatedRun
+    from ray_lips.pools.ray_actors import RayPoolFactory
 
     (tmp_path / "broken_data.py").write_text(
         "def load():\n    raise OSError('the data disk is gone')\n")

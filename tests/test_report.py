@@ -15,7 +15,7 @@ from test_loaders import UNFINISHED, shared_sweep
 from analysis.loaders import find_runs, load_runs
 from analysis.report import NoRunsError, build_report
 from analysis.tables import final_table
-from ray_lips.report_cli import report
+from ray_lips.cli.report import report
 
 LINK = re.compile(r"\]\(([^)]+)\)")
 
@@ -116,7 +116,7 @@ def test_cli_in_process_with_metric_and_last_round(sweep, tmp_path):
 
 def test_cli_as_a_user_runs_it(sweep, tmp_path):
     out = tmp_path / "user"
-    done = subprocess.run([sys.executable, "-m", "ray_lips.report_cli", str(sweep), "--out",
+    done = subprocess.run([sys.executable, "-m", "ray_lips.cli.report", str(sweep), "--out",
                            str(out)], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out / "report.md")

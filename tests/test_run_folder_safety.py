@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun
-from ray_lips.results import RunLockedError, UnsafeRunFolderError, run_lock, run_locks
+from ray_lips.core.run import FederatedRun
+from ray_lips.core.run_folder import RunLockedError, UnsafeRunFolderError, run_lock, run_locks
 
 PRECIOUS = b"someone else's file\n"
 
@@ -93,7 +93,7 @@ def test_the_command_refuses_a_planted_lock_link_in_one_line_before_ray(tmp_path
     (run_dir / ".lock").unlink(missing_ok=True)
     (run_dir / ".lock").symlink_to(victim)
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", "--resume",
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "run", "--resume",
                              str(run_dir)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -121,8 +121,8 @@ def test_run_locks_takes_every_folder_or_none(tmp_path):
 
 
 def test_a_tune_trial_holds_its_run_folder_lock_while_it_runs(ray_local, tmp_path, tiny_config):
-    from ray_lips.sweep import parse_spec
-    from ray_lips.tune_trial import run_sweep
+    from ray_lips.cluster.sweep_spec import parse_spec
+    from ray_lips.cluster.tune_trial import run_sweep
 
     tiny_config["train"].update(rounds=1, local_epochs=1, finetune_epochs=0)
     tiny_config["resources"]["pools"] = 1
@@ -148,7 +148,7 @@ FULL_DISK = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from ray_lips.config import validate_config
-    from ray_lips.engine import experiment
+    from ray_lips.core import run as experiment
 
     run_dir = Path(sys.argv[1]) / "run"
     cfg = validate_config(json.loads(Path(sys.argv[2]).read_text()))

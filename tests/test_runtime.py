@@ -12,7 +12,7 @@ import sys
 PROBE = r'''
 import json, os, sys, urllib.request
 from pathlib import Path
-from ray_lips.runtime import connect
+from ray_lips.cluster.connect import connect
 import ray
 connect(None, num_cpus=1)
 ray.get(ray.remote(lambda: 1).remote())

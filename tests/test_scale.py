@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun
+from ray_lips.core.run import FederatedRun
 
 CLIENTS, PARTICIPATION = 2000, 0.01
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ray_lips.schedule import density_at
+from ray_lips.algorithms.handouts.schedule import density_at
 
 
 def test_sparsity_rounds_start_at_zero_and_repeat_every_period():

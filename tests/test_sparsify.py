@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from ray_lips.algorithms.handouts.sparsify import keep_count, sparsify_state, top_k_mask
 from ray_lips.models import build_model, eligible_parameter_names
-from ray_lips.sparsify import keep_count, sparsify_state, top_k_mask
 
 
 @pytest.fixture(autouse=True)
@@ -82,11 +82,11 @@ def test_other_scorers():
 def test_zeros_regrow_when_the_client_trains_densely(tiny_config):
     """Transient sparsity: the next round trains every weight, so the zeroed entries come back."""
     from ray_lips.config import validate_config
+    from ray_lips.core.aggregate import to_state
+    from ray_lips.core.run import assign_clients, build_payloads, initial_model
     from ray_lips.data import load_dataset
-    from ray_lips.engine.aggregate import to_state
-    from ray_lips.engine.experiment import assign_clients, build_payloads, initial_model
-    from ray_lips.engine.messages import TrainRequest
-    from ray_lips.engine.pool import ClientPool
+    from ray_lips.pools.client_pool import ClientPool
+    from ray_lips.pools.messages import TrainRequest
 
     cfg = validate_config(tiny_config)
     dataset = load_dataset(cfg.data)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from ray_lips.config import ConfigError, load_config
-from ray_lips.sweep import (
+from ray_lips.cli.sweep import sweep
+from ray_lips.cluster.sweep_spec import (
     ClusterError,
     SpecError,
     check_cluster,
@@ -17,7 +17,7 @@ from ray_lips.sweep import (
     trial_bundles,
     trial_label,
 )
-from ray_lips.sweep_cli import sweep
+from ray_lips.config import ConfigError, load_config
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
@@ -261,7 +261,7 @@ def test_baseline_specs_cross_each_global_algorithm_with_lips(name):
 def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
     """Each of the 11 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
     with the grid's model (VGG11-BN) and every other setting as shipped."""
-    from ray_lips.engine.experiment import run_local
+    from ray_lips.core.run import run_local
 
     shrink = ["data.dataset=synthetic", "data.clients=4", "data.train_per_client=10",
               "data.test_per_client=5", "train.rounds=2", "train.local_epochs=1",
@@ -279,7 +279,7 @@ def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
 def test_the_printed_resume_command_survives_the_shell():
     import shlex
 
-    from ray_lips.sweep_cli import resume_command
+    from ray_lips.cli.sweep import resume_command
 
     overrides = ("sweep.grid={seed: [0, 1]}", "name=my run")
     command = resume_command("specs/my sweep.yaml", overrides)
@@ -288,7 +288,7 @@ def test_the_printed_resume_command_survives_the_shell():
 
 
 def test_a_trial_not_started_is_named_by_its_grid_point_not_as_the_base():
-    from ray_lips.tune_trial import _grid_point
+    from ray_lips.cluster.tune_trial import _grid_point
 
     grid = [{"algorithm": "fedavg", "seed": 0}, {"algorithm": "scaffold", "seed": 2}]
     assert _grid_point("2c0c9_00001", grid) == "algorithm=scaffold seed=2"

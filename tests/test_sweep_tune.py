@@ -13,12 +13,9 @@ from click.testing import CliRunner
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from ray_lips.config import validate_config
-from ray_lips.engine.experiment import FederatedRun, run_local
-from ray_lips.results import RunWriter
-from ray_lips.sweep import load_spec, parse_spec, trial_config
-from ray_lips.sweep_cli import sweep
-from ray_lips.tune_trial import (
+from ray_lips.cli.sweep import sweep
+from ray_lips.cluster.sweep_spec import load_spec, parse_spec, trial_config
+from ray_lips.cluster.tune_trial import (
     adopt_checkpoint,
     make_scheduler,
     mark_interrupted,
@@ -26,6 +23,9 @@ from ray_lips.tune_trial import (
     run_sweep,
     trial_table,
 )
+from ray_lips.config import validate_config
+from ray_lips.core.run import FederatedRun, run_local
+from ray_lips.core.run_folder import RunWriter
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 RUN_FILES = ("config.yaml", "status.json", "rounds.parquet", "layers.parquet", "clients.parquet")

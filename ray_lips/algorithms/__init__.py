@@ -19,8 +19,8 @@ from ray_lips.algorithms.ditto import Ditto
 from ray_lips.algorithms.fedavg import FedAvg
 from ray_lips.algorithms.fedper import FedPer
 from ray_lips.algorithms.fedprox import FedProx
-from ray_lips.algorithms.handout import DenseHandout
-from ray_lips.algorithms.lips import LEGACY_CLIENT_SLOTS, LipsHandout
+from ray_lips.algorithms.handouts.dense import DenseHandout
+from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS, LipsHandout
 from ray_lips.algorithms.local import LocalOnly
 from ray_lips.algorithms.scaffold import Scaffold
 

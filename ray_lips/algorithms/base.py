@@ -6,7 +6,7 @@ An algorithm has a client side and a server side:
   participants through the pool's trainer and returns, per client, the tensors to aggregate;
   :meth:`Algorithm.held_state` is the model a client holds between rounds (what ``acc_after``
   and fine-tuning use). What a client keeps between rounds lives in the pool's
-  :class:`~ray_lips.engine.client_state.ClientStore`.
+  :class:`~ray_lips.pools.client_store.ClientStore`.
 - server (runs in the driver): :meth:`Algorithm.server_message` is what a round sends to the
   pools besides the model, and :meth:`Algorithm.aggregate` turns the averaged parts into the next
   global state (and server state).
@@ -14,7 +14,7 @@ An algorithm has a client side and a server side:
 Aggregation itself is the engine's: every part a client returns is summed on the exact
 fixed-point grid with the weight the algorithm gives it, so an algorithm never sees how
 clients were split into pools. The hand-out (dense, or LIPS's sparse copy) is a separate step,
-:class:`~ray_lips.algorithms.handout.Handout`: the algorithm asks the context for the model
+:class:`~ray_lips.algorithms.handouts.dense.Handout`: the algorithm asks the context for the model
 handed to a client and never knows which hand-out made it.
 """
 
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ray_lips.training import Correction, LocalResult
+from ray_lips.training.local import Correction, LocalResult
 
 if TYPE_CHECKING:
     from ray_lips.config import ExperimentConfig
-    from ray_lips.engine.client_state import ClientStore
+    from ray_lips.pools.client_store import ClientStore
 
 Tensors = Mapping[str, torch.Tensor]
 MODEL = "model"  # the part every global-model algorithm aggregates: the clients' trained models

@@ -17,7 +17,7 @@ from the recorded ones (another node's copy, or a file changed before a resume).
   :mod:`ray_lips.data.images`; every image is opened and checked by :func:`check_contents`.
 
 :func:`check_contents` reads everything once, so it is one of the checks made before Ray
-(:mod:`ray_lips.preflight`), not part of validation (which every process repeats).
+(:mod:`ray_lips.config.checks`), not part of validation (which every process repeats).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A module is found the way Python finds it: an installed package, or a folder on ``PYTHONPATH``.
 ``ray-lips`` runs Ray's workers from an empty folder with the caller's ``PYTHONPATH`` (see
-``ray_lips.runtime``), so that is also what every worker sees, and the module must be there on
+``ray_lips.cluster.connect``), so that is also what every worker sees, and the module must be
+there on
 every node. Nothing is evaluated or unpickled.
 """
 
@@ -66,5 +67,5 @@ def found_without_working_directory(path: str) -> bool:
     cwd = os.getcwd()
     search = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
     search += [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-               if p]  # made absolute for the workers by ray_lips.runtime.connect
+               if p]  # made absolute for the workers by ray_lips.cluster.connect.connect
     return importlib.machinery.PathFinder.find_spec(top, search) is not None

@@ -18,17 +18,17 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_lips.config import ConfigError, ExperimentConfig
-from ray_lips.engine.aggregate import DivergenceError
-from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.pools import PoolFactory
-from ray_lips.engine.ray_pools import (
+from ray_lips.core.aggregate import DivergenceError
+from ray_lips.core.run import FederatedRun
+from ray_lips.core.run_folder import RunWriter
+from ray_lips.pools.in_process import PoolFactory
+from ray_lips.pools.ray_actors import (
     CallTimes,
     PoolLostError,
     PoolStartError,
     RayPoolFactory,
     start_pool_actors,
 )
-from ray_lips.results import RunWriter
 
 
 class Progress:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ray_lips.training import Normalisation
+from ray_lips.training.local import Normalisation
 
 
 @dataclass

@@ -23,17 +23,17 @@ import torch
 
 from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout, client_slots
 from ray_lips.config import ExperimentConfig, validate_config
+from ray_lips.core.aggregate import DivergenceError, FixedSum, add_sums, to_state
+from ray_lips.core.inertia import layer_metrics
+from ray_lips.core.run_folder import RunWriter, check_run_folder, open_new
+from ray_lips.core.seeding import derive_seed, numpy_rng
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
-from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_sums, to_state
-from ray_lips.engine.client_state import EntryInfo
-from ray_lips.engine.messages import HandoutRequest, StatePartRequest, TrainRequest
-from ray_lips.engine.payload import ClientRows, DatasetArrays, PoolPayload
-from ray_lips.engine.pools import ClientState, PoolFactory, local_pools, torch_threads
-from ray_lips.inertia import layer_metrics
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
-from ray_lips.results import RunWriter, check_run_folder, open_new
-from ray_lips.seeding import derive_seed, numpy_rng
+from ray_lips.pools.client_store import EntryInfo
+from ray_lips.pools.in_process import ClientState, PoolFactory, local_pools, torch_threads
+from ray_lips.pools.messages import HandoutRequest, StatePartRequest, TrainRequest
+from ray_lips.pools.payload import ClientRows, DatasetArrays, PoolPayload
 
 T = TypeVar("T")
 STATE_PART_BYTES = 32 * 2**20  # a pool's share of a checkpoint part (plus one entry)

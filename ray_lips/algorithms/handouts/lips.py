@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from ray_lips.algorithms.base import Tensors
-from ray_lips.algorithms.handout import DenseHandout
+from ray_lips.algorithms.handouts.dense import DenseHandout
+from ray_lips.algorithms.handouts.schedule import density_at
+from ray_lips.algorithms.handouts.sparsify import GRADIENT_SCORERS, sparsify_state
+from ray_lips.core.seeding import torch_generator
 from ray_lips.models import check_lips_eligible
-from ray_lips.schedule import density_at
-from ray_lips.seeding import torch_generator
-from ray_lips.sparsify import GRADIENT_SCORERS, sparsify_state
 
 if TYPE_CHECKING:
     from ray_lips.config import ExperimentConfig
-    from ray_lips.engine.client_state import ClientStore
+    from ray_lips.pools.client_store import ClientStore
 
 GRADIENT = "lips.grad"  # the client-state slot of the remembered gradient
 LEGACY_CLIENT_SLOTS = {"grads": GRADIENT}  # checkpoints written before the slots had names

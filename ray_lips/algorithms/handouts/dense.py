@@ -1,7 +1,8 @@
 """The hand-out: how the new global model reaches each client after aggregation.
 
 ``DenseHandout`` gives every client the global model itself. LIPS's transient sparse copy
-(:mod:`ray_lips.algorithms.lips`) is the other one. A hand-out has a server side (the density
+(:mod:`ray_lips.algorithms.handouts.lips`) is the other one. A hand-out has a server side (the
+density
 of each round's hand-out, from its schedule) and a client side (the model a client is handed,
 built in the pool that hosts it, from what the client kept of its own training).
 """
@@ -15,7 +16,7 @@ import torch
 from ray_lips.algorithms.base import Tensors
 
 if TYPE_CHECKING:
-    from ray_lips.engine.client_state import ClientStore
+    from ray_lips.pools.client_store import ClientStore
 
 
 class DenseHandout:

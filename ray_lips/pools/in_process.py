@@ -17,8 +17,9 @@ import torch
 
 from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig
-from ray_lips.engine.client_state import EntryInfo
-from ray_lips.engine.messages import (
+from ray_lips.pools.client_pool import ClientPool, pool_threads
+from ray_lips.pools.client_store import EntryInfo
+from ray_lips.pools.messages import (
     HandoutReply,
     HandoutRequest,
     PoolDevice,
@@ -27,8 +28,7 @@ from ray_lips.engine.messages import (
     TrainReply,
     TrainRequest,
 )
-from ray_lips.engine.payload import PoolPayload
-from ray_lips.engine.pool import ClientPool, pool_threads
+from ray_lips.pools.payload import PoolPayload
 
 ClientState = dict[str, dict[int, Tensors]]  # slot -> client -> tensors
 

@@ -15,8 +15,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
-from ray_lips.engine.client_state import EntryInfo
-from ray_lips.engine.messages import (
+from ray_lips.pools.client_pool import ClientPool, CudaUnavailableError, pool_threads
+from ray_lips.pools.client_store import EntryInfo
+from ray_lips.pools.in_process import ClientState
+from ray_lips.pools.messages import (
     HandoutReply,
     HandoutRequest,
     PoolDevice,
@@ -25,9 +27,7 @@ from ray_lips.engine.messages import (
     TrainReply,
     TrainRequest,
 )
-from ray_lips.engine.payload import DatasetArrays, PoolPayload
-from ray_lips.engine.pool import ClientPool, CudaUnavailableError, pool_threads
-from ray_lips.engine.pools import ClientState
+from ray_lips.pools.payload import DatasetArrays, PoolPayload
 
 # Arguments at least this large go through the object store once, shared by every pool.
 _SHARE_ABOVE_BYTES = 64 * 1024

@@ -12,7 +12,7 @@ A spec is a file ``ray-lips run`` can read (the ``sweep`` section is ignored the
 - ``scheduler``, ``max_concurrent_trials``, ``max_failures``, ``time_budget_s``,
   ``storage_path``, ``name``, ``check_resources``: how Tune runs it. A relative
   ``storage_path`` is taken from the current folder, or inside a ``ray job submit`` job from the
-  home folder (``ray_lips.jobpaths``).
+  home folder (``ray_lips.cluster.jobpaths``).
 
 Everything is pure Python and checked here, before Ray starts: every grid point becomes a
 complete config that passes ``validate_config``. Ray Tune receives the list of grid points as one
@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ray_lips.cluster.jobpaths import durable_path
 from ray_lips.config import (
     ConfigError,
     ExperimentConfig,
@@ -40,7 +41,6 @@ from ray_lips.config import (
     set_keys,
     validate_config,
 )
-from ray_lips.jobpaths import durable_path
 
 SWEEP_KEYS = (
     "name", "grid", "variants", "choice", "uniform", "loguniform", "num_samples", "scheduler",
@@ -48,7 +48,8 @@ SWEEP_KEYS = (
 )
 SCHEDULER_KEYS = ("type", "metric", "mode", "grace_period", "max_t", "reduction_factor")
 DEFAULT_STORAGE = "~/ray_results"
-# Metrics every report carries (see ray_lips.tune_trial.round_metrics); a scheduler needs one.
+# Metrics every report carries (see ray_lips.cluster.tune_trial.round_metrics); a scheduler
+# needs one.
 METRICS = (
     "acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window",
     "acc_global", "acc_after", "acc_before", "acc_test", "train_loss",

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
+from ray_lips.cluster.jobpaths import durable_path
 from ray_lips.config import ConfigError, ExperimentConfig, load_config
-from ray_lips.jobpaths import durable_path
-from ray_lips.results import (
+from ray_lips.core.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     ROUNDS_FILE,
@@ -50,7 +50,7 @@ def _load(config: str, overrides: tuple[str, ...], quiet: bool = False) -> Exper
 def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
     """The checks that need no Ray (files, folders, modules, data sizes): exit 2 with one
     line."""
-    from ray_lips.preflight import check_before_ray
+    from ray_lips.config.checks import check_before_ray
 
     try:
         for warning in check_before_ray(cfg, uses_ray):
@@ -81,10 +81,10 @@ def main() -> None:
 def _connect_and_check(cfg: ExperimentConfig, address: str | None) -> None:
     """Join or start Ray and check that one run of ``cfg`` fits the cluster: exit 2 with one
     line if not. Called before any run folder is made."""
-    from ray_lips.runtime import ClusterError, check_resources, connect
+    from ray_lips.cluster.connect import ClusterError, check_resources, connect
 
     try:
-        connect(address, while_starting=["ray_lips.launch"])
+        connect(address, while_starting=["ray_lips.cluster.driver"])
         check_resources(cfg, concurrent_runs=1)
     except ClusterError as err:  # connect turns Ray's connection and token errors into these
         _fail(str(err))
@@ -123,10 +123,10 @@ def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = Fa
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         if no_ray:
-            from ray_lips.engine.experiment import run_local
+            from ray_lips.core.run import run_local
 
             return {label: run_local(cfg, run_dir) for label, cfg, run_dir in runs}
-        from ray_lips.launch import run_on_ray
+        from ray_lips.cluster.driver import run_on_ray
 
         return run_on_ray(runs)
     except KeyboardInterrupt as err:
@@ -141,8 +141,8 @@ def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = Fa
 
 def _failure_message(err: Exception, runs: list[Run], created: bool) -> str:
     """The line that ends a failed command, after tidying the run folders it leaves."""
-    from ray_lips.engine.aggregate import DivergenceError
-    from ray_lips.launch import error_line, resuming_can_help, root_cause
+    from ray_lips.cluster.driver import error_line, resuming_can_help, root_cause
+    from ray_lips.core.aggregate import DivergenceError
 
     cause = root_cause(err)
     failed = getattr(err, "label", None)  # run_on_ray names the run that failed
@@ -334,7 +334,7 @@ def compare(config: str, overrides: tuple[str, ...], address: str | None,
     _connect_and_check(base, address)  # one run must fit; the others wait their turn
     import ray
 
-    from ray_lips.launch import runs_at_once
+    from ray_lips.cluster.driver import runs_at_once
 
     at_once = runs_at_once(list(cfgs.values()), ray.cluster_resources())
     click.echo(f"compare: {len(labels)} run(s), "
@@ -378,8 +378,8 @@ def _inertia_figure(runs: list[Run]) -> Path | None:
 
 
 def _register_subcommands() -> None:
-    from ray_lips.report_cli import report
-    from ray_lips.sweep_cli import sweep
+    from ray_lips.cli.report import report
+    from ray_lips.cli.sweep import sweep
 
     main.add_command(sweep)
     main.add_command(report)

@@ -7,9 +7,9 @@ import sys
 
 import click
 
+from ray_lips.cluster.jobpaths import in_ray_job, where
+from ray_lips.cluster.sweep_spec import ClusterError, SweepSpec, check_cluster, describe, load_spec
 from ray_lips.config import ConfigError
-from ray_lips.jobpaths import in_ray_job, where
-from ray_lips.sweep import ClusterError, SweepSpec, check_cluster, describe, load_spec
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -28,7 +28,7 @@ def resume_command(spec_file: str, overrides: tuple[str, ...]) -> str:
 
 
 def _check_start(spec: SweepSpec, resume: bool) -> None:
-    from ray_lips.tune_trial import can_resume, saved_spec  # noqa: PLC0415 - imports Ray Tune
+    from ray_lips.cluster.tune_trial import can_resume, saved_spec  # noqa: PLC0415 - imports Ray Tune
 
     where = spec.experiment_dir
     if resume:
@@ -48,7 +48,7 @@ def _check_start(spec: SweepSpec, resume: bool) -> None:
 def _check_datasets(spec: SweepSpec) -> None:
     """Every value of a ``.npz`` and every image of a folder the trials use, read once per
     distinct dataset before Ray starts (a NaN would otherwise fail each trial on Ray)."""
-    from ray_lips.preflight import check_dataset_contents  # noqa: PLC0415
+    from ray_lips.config.checks import check_dataset_contents  # noqa: PLC0415
 
     seen: set[str] = set()
     try:
@@ -64,10 +64,10 @@ def _check_datasets(spec: SweepSpec) -> None:
 def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
     import ray  # noqa: PLC0415
 
-    from ray_lips import runtime  # noqa: PLC0415
+    from ray_lips.cluster import connect as runtime  # noqa: PLC0415
 
     try:
-        runtime.connect(address, while_starting=["ray_lips.tune_trial"])
+        runtime.connect(address, while_starting=["ray_lips.cluster.tune_trial"])
         if spec.check_resources:
             check_cluster(spec, ray.nodes())
     except (ClusterError, runtime.ClusterError) as err:
@@ -105,14 +105,14 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
         click.echo(f"  ... and {len(spec.trials) - 20} more", err=True)
     _connect_and_check(spec, address)
 
-    from ray_lips.sweep_stop import (  # noqa: PLC0415
+    from ray_lips.cluster.sweep_stop import (  # noqa: PLC0415
         TrialActorsCallback,
         mark_running_interrupted,
         sigterm_received,
         stop_trial_actors,
         terminate_on_sigterm,
     )
-    from ray_lips.tune_trial import (  # noqa: PLC0415
+    from ray_lips.cluster.tune_trial import (  # noqa: PLC0415
         expected_trials,
         format_table,
         mark_interrupted,

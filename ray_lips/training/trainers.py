@@ -1,5 +1,5 @@
 """Local training of a pool's clients: one at a time (``SerialTrainer``) or as batched groups
-(``GroupTrainer``, see :mod:`ray_lips.batched`). Both train a list of jobs with the same
+(``GroupTrainer``, see :mod:`ray_lips.training.batched`). Both train a list of jobs with the same
 per-client randomness, so an algorithm never knows which one runs it."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from ray_lips.algorithms.base import Tensors, Trained, TrainJob
-from ray_lips.batched import ClientGroup
-from ray_lips.engine.payload import ClientShard
-from ray_lips.seeding import torch_generator
-from ray_lips.training import LocalSettings, Normalisation, accuracy, local_train
+from ray_lips.core.seeding import torch_generator
+from ray_lips.pools.payload import ClientShard
+from ray_lips.training.batched import ClientGroup
+from ray_lips.training.local import LocalSettings, Normalisation, accuracy, local_train
 
 # Random streams of local training: (batch order, augmentation) purposes per stream.
 STREAMS = {"local": ("batches", "augment"), "personal": ("personal_batches", "personal_augment")}
@@ -54,7 +54,7 @@ class Stopwatch:
 
 
 class SerialTrainer:
-    """One client at a time through :func:`ray_lips.training.local_train`."""
+    """One client at a time through :func:`ray_lips.training.local.local_train`."""
 
     def __init__(self, model: nn.Module, shards: Mapping[int, ClientShard],
                  settings: LocalSettings, norm: Normalisation, seed: int,

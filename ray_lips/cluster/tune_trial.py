@@ -26,11 +26,21 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
+from ray_lips.cluster.sweep_spec import (
+    TIME_ATTR,
+    Dimension,
+    SchedulerSpec,
+    SweepSpec,
+    describe,
+    trial_bundles,
+    trial_config,
+    trial_label,
+)
+from ray_lips.cluster.sweep_stop import mark_if_running
 from ray_lips.config import ExperimentConfig, validate_config
-from ray_lips.engine.aggregate import DivergenceError
-from ray_lips.engine.experiment import FederatedRun
-from ray_lips.engine.ray_pools import RayPoolFactory
-from ray_lips.results import (
+from ray_lips.core.aggregate import DivergenceError
+from ray_lips.core.run import FederatedRun
+from ray_lips.core.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     LAYERS_FILE,
@@ -43,17 +53,7 @@ from ray_lips.results import (
     run_lock,
     write_bytes_replacing,
 )
-from ray_lips.sweep import (
-    TIME_ATTR,
-    Dimension,
-    SchedulerSpec,
-    SweepSpec,
-    describe,
-    trial_bundles,
-    trial_config,
-    trial_label,
-)
-from ray_lips.sweep_stop import mark_if_running
+from ray_lips.pools.ray_actors import RayPoolFactory
 
 SPEC_FILE = "sweep_spec.yaml"
 WINDOW_KEYS = ("acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ray_lips.engine.aggregate import FixedSum
+from ray_lips.core.aggregate import FixedSum
 
 Tensors = dict[str, torch.Tensor]
 

@@ -1,7 +1,7 @@
 """A client pool: hosts pinned clients, trains them, and builds their hand-outs.
 
 Plain Python; ``ray.remote(ClientPool)`` makes it an actor. The driver calls it through typed
-requests (:mod:`ray_lips.engine.messages`). What happens to a client in a round is the
+requests (:mod:`ray_lips.pools.messages`). What happens to a client in a round is the
 algorithm's (:mod:`ray_lips.algorithms`); the pool offers it the trainer, the client's data and
 the state it kept (a :class:`ClientStore`), sums what the clients return on the exact
 fixed-point grid, and builds each client's hand-out from the one global model it holds.
@@ -20,12 +20,14 @@ import torch
 
 from ray_lips.algorithms import build_algorithm, build_handout
 from ray_lips.algorithms.base import Tensors
-from ray_lips.allocator import keep_buffers_in_heap
-from ray_lips.batched import supports
 from ray_lips.config import ExperimentConfig, ResourcesConfig
-from ray_lips.engine.aggregate import DivergenceError, FixedSum, add_client
-from ray_lips.engine.client_state import ClientStore, EntryInfo
-from ray_lips.engine.messages import (
+from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
+from ray_lips.core.run_folder import open_new
+from ray_lips.models import build_model, eligible_parameter_names
+from ray_lips.pools.allocator import keep_buffers_in_heap
+from ray_lips.pools.client_store import ClientStore, EntryInfo
+from ray_lips.pools.memory import current_rss_mb, peak_rss_mb
+from ray_lips.pools.messages import (
     HandoutReply,
     HandoutRequest,
     PoolDevice,
@@ -34,12 +36,10 @@ from ray_lips.engine.messages import (
     TrainReply,
     TrainRequest,
 )
-from ray_lips.engine.payload import DatasetArrays, PoolPayload
-from ray_lips.engine.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
-from ray_lips.memory import current_rss_mb, peak_rss_mb
-from ray_lips.models import build_model, eligible_parameter_names
-from ray_lips.results import open_new
-from ray_lips.training import LocalSettings, accuracy, local_train, recalibrate_batchnorm
+from ray_lips.pools.payload import DatasetArrays, PoolPayload
+from ray_lips.training.batched import supports
+from ray_lips.training.local import LocalSettings, accuracy, local_train, recalibrate_batchnorm
+from ray_lips.training.trainers import GroupTrainer, SerialTrainer, Stopwatch, stream_generators
 
 
 class CudaUnavailableError(RuntimeError):

@@ -6,12 +6,13 @@ running statistics stay per client), and the classifier becomes G independent ma
 model sees the G clients' mini-batches side by side along the channel axis, so one forward and
 one backward pass train all G clients, and plain SGD on the wide parameters is G independent SGDs
 (momentum and weight decay are elementwise). Client k's result is, up to floating-point rounding,
-what :func:`ray_lips.training.local_train` gives for it alone: same batch order and augmentation
+what :func:`ray_lips.training.local.local_train` gives for it alone: same batch order and
+augmentation
 (drawn from the same per-client generators in the same order), same loss, same optimiser.
 
 Client k's numbers do not depend on which clients share its group or on its slot in it, only
 on the group size, which the pool fixes from the config (see
-``ray_lips.engine.pool.batch_clients``); ``_SlotwiseSGD`` and ``GroupedLinear`` exist for
+``ray_lips.pools.client_pool.batch_clients``); ``_SlotwiseSGD`` and ``GroupedLinear`` exist for
 that. Image groups run channels-last.
 
 Where it pays: on a GPU, where one client's step is far too small to fill the device. On CPU,
@@ -35,7 +36,7 @@ from torch import nn
 
 from ray_lips.data.augment import prepare_batch
 from ray_lips.models import VGG, BasicBlock, ResNet, SmallCNN
-from ray_lips.training import (
+from ray_lips.training.local import (
     Correction,
     LocalResult,
     LocalSettings,

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from ray_lips.results import STATUS_FILE, RunWriter
+from ray_lips.core.run_folder import STATUS_FILE, RunWriter
 
 INTERRUPTED_BY_SIGTERM = ("the sweep was stopped by SIGTERM before this trial finished; "
                           "ray-lips sweep SPEC --resume continues it")

@@ -1,0 +1,134 @@
+"""Whether this tree computes exactly the numbers of an earlier git revision, in one run.
+
+Both versions run the same fixed tiny configs in-process (``ray-lips run --local``, two pools,
+one thread each) for every built-in algorithm, with and without LIPS's hand-out, one-at-a-time
+and in batched groups, and on a model with BatchNorm. Then each run's ``rounds.parquet``,
+``layers.parquet`` and ``clients.parquet`` are compared byte for byte. The one column that
+cannot repeat, ``rounds.parquet``'s wall-clock ``seconds``, is dropped from both files first
+and the rest is compared as the bytes of the same table written again; the other two files
+are compared as they are on disk. Exit status 0: every file identical.
+
+    .venv/bin/python benchmarks/check_same_numbers.py --rev HEAD~1
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
+TIMING_COLUMNS = ("seconds",)  # wall-clock time: never the same twice
+
+SMALL = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.3, "clients": 6,
+         "train_per_client": 30, "test_per_client": 10}
+WITH_BATCHNORM = {"dataset": "mnist1d", "partition": "dirichlet", "alpha": 0.3, "clients": 6,
+                  "train_per_client": 30, "test_per_client": 10}
+
+
+def method(algorithm: str, lips: bool, model: str = "smallcnn", data: dict | None = None,
+           batched: bool = False, participation: float = 1.0) -> dict:
+    return {
+        "name": "same", "seed": 3, "model": model, "algorithm": algorithm,
+        "handout": "lips" if lips else "dense",
+        "data": dict(data or SMALL),
+        "train": {"rounds": 4, "local_epochs": 2, "batch_size": 10, "lr": 0.05,
+                  "participation": participation, "finetune_epochs": 1, "final_window": 2,
+                  "checkpoint_every": 2, "inertia_ref_round": 1, "eval_test_samples": 200,
+                  "batched": batched, "batch_clients": 3 if batched else "auto"},
+        "lips": {"sparsity": 0.5, "period": 1},
+        "fedprox": {"mu": 0.1},
+        "ditto": {"lam": 0.1, "personal_epochs": 1},
+        "resources": {"pools": 2, "cpus_per_pool": 1},
+    }
+
+
+CASES = {
+    "fedavg": method("fedavg", False),
+    "fedavg+lips": method("fedavg", True),
+    "fedprox": method("fedprox", False),
+    "fedprox+lips": method("fedprox", True),
+    "scaffold": method("scaffold", False, participation=0.5),
+    "scaffold+lips": method("scaffold", True),
+    "fedper": method("fedper", False),
+    "ditto": method("ditto", False),
+    "local": method("local", False),
+    "fedavg+lips batched": method("fedavg", True, batched=True),
+    "scaffold batched": method("scaffold", False, batched=True),
+    "ditto batched": method("ditto", False, batched=True),
+    "fedavg+lips resnet8_1d": method("fedavg", True, "resnet8_1d", WITH_BATCHNORM),
+    "fedper resnet8_1d": method("fedper", False, "resnet8_1d", WITH_BATCHNORM),
+}
+
+
+def run_case(source: Path, config: dict, folder: Path) -> Path:
+    """One ``ray-lips run --local`` of ``config`` with the ``ray_lips`` of ``source``."""
+    folder.mkdir(parents=True)
+    config_file = folder / "config.yaml"
+    config_file.write_text(yaml.safe_dump({**config, "output": str(folder / "runs")}))
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", str(config_file),
+                           "--local"],
+                          env=env, cwd=source, capture_output=True, text=True)
+    runs = sorted((folder / "runs").glob("*/rounds.parquet"))
+    if done.returncode != 0 or len(runs) != 1:
+        raise RuntimeError(f"{source}: {done.stderr[-2000:]}")
+    return runs[0].parent
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a table's file; with timing columns, of the table without them, written
+    again the same way."""
+    table = pq.read_table(path)
+    timing = [c for c in TIMING_COLUMNS if c in table.column_names]
+    if not timing:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    buffer = io.BytesIO()
+    pq.write_table(table.drop_columns(timing), buffer)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default="HEAD", help="the earlier revision (git)")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated, of: " + ", ".join(CASES))
+    args = parser.parse_args()
+    cases = [c.strip() for c in args.cases.split(",")]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown cases: {', '.join(unknown)}")
+    differ = 0
+    with tempfile.TemporaryDirectory(prefix="ray-lips-same-") as tmp:
+        before = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before),
+                        args.rev], check=True, capture_output=True)
+        try:
+            for i, case in enumerate(cases):
+                runs = {version: run_case(source, CASES[case], Path(tmp) / f"{i}-{version}")
+                        for version, source in (("before", before), ("after", ROOT))}
+                for table in TABLES:
+                    old, new = (digest(runs[v] / table) for v in ("before", "after"))
+                    same = old == new
+                    differ += not same
+                    print(f"{case:<24s} {table:<16s} {'identical' if same else 'DIFFERENT'} "
+                          f"{new[:16]}", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(before)], check=False, capture_output=True)
+    print(f"\n{len(cases) * len(TABLES) - differ} of {len(cases) * len(TABLES)} tables identical "
+          f"to {args.rev}")
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()

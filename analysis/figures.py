@@ -21,9 +21,10 @@ import pandas as pd
 from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from analysis.frames import Table
 from analysis.loaders import load
 from analysis.methods import label_sort_key
-from analysis.tables import Table, gain_grid, lips_bases
+from analysis.tables import gain_grid, lips_bases
 
 ELIGIBLE_COLOUR = "tab:red"
 FEDAVG_COLOUR = "black"

@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.methods import baseline_labels, check_baseline
-from analysis.tables import (
+from analysis.frames import (
     ALPHA,
     MIN_SEEDS,
     Table,
@@ -34,6 +33,7 @@ from analysis.tables import (
     text_column,
     value_column,
 )
+from analysis.methods import baseline_labels, check_baseline
 
 
 def verdict(mean: float, p: float, n: int, alpha: float = ALPHA,

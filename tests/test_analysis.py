@@ -10,9 +10,10 @@ from scipy import stats
 from test_loaders import METHODS, SEEDS, shared_sweep
 
 from analysis import figures
+from analysis.frames import Table, to_markdown
 from analysis.loaders import load
 from analysis.paired import paired_stats, paired_table, verdict
-from analysis.tables import Table, best_table, final_table, gain_grid, to_markdown
+from analysis.tables import best_table, final_table, gain_grid
 
 SETTING = "digits/smallcnn lr=0.05"
 

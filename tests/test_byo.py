@@ -21,10 +21,15 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from ray_lips.config import ConfigError, validate_config
-from ray_lips.config.checks import check_before_ray
+from ray_lips.config import ConfigError, ExperimentConfig, validate_config
+from ray_lips.config.checks import check_before_ray, check_config
 from ray_lips.data import dataset_info, load_dataset
 from ray_lips.models import build_model, check_lips_eligible, eligible_parameter_names
+
+
+def checked(tree: dict) -> ExperimentConfig:
+    """The config as a command takes it: validated, then checked (files read, imports made)."""
+    return check_config(validate_config(tree))
 
 DATA = textwrap.dedent("""
     import numpy as np
@@ -156,13 +161,13 @@ def _npz(path: Path, **arrays) -> Path:
 
 def _error(tree: dict) -> str:
     with pytest.raises(ConfigError) as err:
-        validate_config(tree)
+        checked(tree)
     return str(err.value)
 
 
 # ----- an import path ---------------------------------------------------------------------
 def test_a_function_dataset_is_checked_at_load_and_recorded_as_given(pkg):
-    cfg = validate_config(_tree(f"{pkg}.data:load"))
+    cfg = checked(_tree(f"{pkg}.data:load"))
     assert cfg.data.dataset == f"{pkg}.data:load" and cfg.data.source is None
     assert dataset_info(cfg.data) is None  # the function runs only when the data is loaded
     data = load_dataset(cfg.data)
@@ -176,7 +181,7 @@ def test_a_function_dataset_is_checked_at_load_and_recorded_as_given(pkg):
     assert bound < 1e-12
     np.testing.assert_allclose(data.mean, [x.mean()], rtol=0, atol=bound)
     np.testing.assert_allclose(data.std, [x.std()], rtol=0, atol=bound)
-    as_dict = load_dataset(validate_config(_tree(f"{pkg}.data:load_dict")).data)
+    as_dict = load_dataset(checked(_tree(f"{pkg}.data:load_dict")).data)
     assert as_dict.num_classes == 3 and torch.equal(as_dict.x_train, data.x_train)
 
 
@@ -194,7 +199,7 @@ def test_a_function_dataset_is_checked_at_load_and_recorded_as_given(pkg):
     ("beyond_float32", "x_train holds 1e+39, beyond float32's range (+-3.4e+38) at sample 2 "),
 ])
 def test_a_function_returning_the_wrong_thing_fails_at_load(pkg, function, message):
-    cfg = validate_config(_tree(f"{pkg}.data:{function}"))
+    cfg = checked(_tree(f"{pkg}.data:{function}"))
     with pytest.raises(ConfigError, match="^data.dataset: ") as err:
         load_dataset(cfg.data)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -221,7 +226,7 @@ def test_an_npz_dataset_is_recorded_by_absolute_path_and_sha256(tmp_path, monkey
     arrays = _arrays()
     path = _npz(tmp_path / "mine.npz", **arrays)
     monkeypatch.chdir(tmp_path)
-    cfg = validate_config(_tree("mine.npz"))
+    cfg = checked(_tree("mine.npz"))
     assert cfg.data.dataset == str(path)
     assert cfg.data.source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert yaml.safe_load(cfg.to_yaml())["data"]["source"]["sha256"] == cfg.data.source.sha256
@@ -238,16 +243,16 @@ def test_an_npz_dataset_is_recorded_by_absolute_path_and_sha256(tmp_path, monkey
 
 def test_a_changed_npz_is_refused_unless_the_record_is_for_another_path(tmp_path):
     path = _npz(tmp_path / "mine.npz", **_arrays())
-    recorded = validate_config(_tree(str(path))).to_dict()
+    recorded = checked(_tree(str(path))).to_dict()
     _npz(path, **_arrays(n_train=33))
     assert "data.source: " in _error(recorded) and "has changed" in _error(recorded)
-    stale = validate_config(_tree(str(path)))  # a new config: the new contents are recorded
+    stale = checked(_tree(str(path)))  # a new config: the new contents are recorded
     assert stale.data.source.sha256 != recorded["data"]["source"]["sha256"]
     other = _npz(tmp_path / "other.npz", **_arrays())
-    moved = validate_config({**recorded, "data": {**recorded["data"], "dataset": str(other)}})
+    moved = checked({**recorded, "data": {**recorded["data"], "dataset": str(other)}})
     assert moved.data.source.path == str(other)  # a record of another file is replaced
     # a load checks the file against the record (e.g. another node's copy)
-    cfg = validate_config(_tree(str(other)))
+    cfg = checked(_tree(str(other)))
     _npz(other, **_arrays(n_test=13))
     with pytest.raises(ConfigError, match="data.source: .* every node needs the same file"):
         load_dataset(cfg.data)
@@ -292,7 +297,7 @@ def test_an_npz_of_python_objects_is_never_unpickled(tmp_path):
 
 def _checked_before_ray(dataset: Path, tmp_path: Path, **data) -> str:
     """The one-line error of the checks ``ray-lips run`` makes before it starts Ray."""
-    cfg = validate_config({**_tree(str(dataset), **data), "output": str(tmp_path / "runs")})
+    cfg = checked({**_tree(str(dataset), **data), "output": str(tmp_path / "runs")})
     with pytest.raises(ConfigError) as err:
         check_before_ray(cfg)
     assert "\n" not in str(err.value)
@@ -332,15 +337,15 @@ def test_a_non_finite_value_in_an_npz_stops_before_ray_naming_the_sample(tmp_pat
     assert _checked_before_ray(path, tmp_path).startswith(f"data.dataset: {path}: {message}")
     # the load, which a driver on another node may make, refuses it the same way
     with pytest.raises(ConfigError, match="^data.dataset: .*at sample") as err:
-        load_dataset(validate_config(_tree(str(path))).data)
+        load_dataset(checked(_tree(str(path))).data)
     assert message in str(err.value)
 
 
 def test_finite_float_and_integer_npz_arrays_pass_the_checks_before_ray(tmp_path):
     path = _npz(tmp_path / "ok.npz", **_with(x_train=_x(np.float64), x_test=_x(n=12)))
-    check_before_ray(validate_config({**_tree(str(path)), "output": str(tmp_path / "runs")}))
+    check_before_ray(checked({**_tree(str(path)), "output": str(tmp_path / "runs")}))
     path = _npz(tmp_path / "pixels.npz", **_arrays())  # uint8: nothing to scan
-    check_before_ray(validate_config({**_tree(str(path)), "output": str(tmp_path / "runs")}))
+    check_before_ray(checked({**_tree(str(path)), "output": str(tmp_path / "runs")}))
 
 
 # ----- an image folder ----------------------------------------------------------------------
@@ -369,7 +374,7 @@ def _folder(root: Path, size=(6, 5), gray: bool = False) -> dict[str, list[np.nd
 
 def test_an_image_folder_reads_classes_in_sorted_order(tmp_path):
     written = _folder(tmp_path / "pics")
-    cfg = validate_config(_tree(str(tmp_path / "pics")))
+    cfg = checked(_tree(str(tmp_path / "pics")))
     info = dataset_info(cfg.data)
     assert (info.train_size, info.test_size, info.num_classes, info.sample_shape) == (
         6, 2, 3, (3, 6, 5))
@@ -381,18 +386,18 @@ def test_an_image_folder_reads_classes_in_sorted_order(tmp_path):
         np.testing.assert_array_equal(x.numpy(), pixels.transpose(2, 0, 1))
     # a new image changes the recorded sha256
     _png(tmp_path / "pics" / "test" / "ant" / "0.png", written["test"][0])
-    assert validate_config(_tree(str(tmp_path / "pics"))).data.source != cfg.data.source
+    assert checked(_tree(str(tmp_path / "pics"))).data.source != cfg.data.source
 
 
 def test_grayscale_images_give_one_channel_and_sizes_must_match_or_be_resized(tmp_path):
     _folder(tmp_path / "gray", gray=True)
-    assert dataset_info(validate_config(_tree(str(tmp_path / "gray"))).data).sample_shape == (
+    assert dataset_info(checked(_tree(str(tmp_path / "gray"))).data).sample_shape == (
         1, 6, 5)
     _png(tmp_path / "gray" / "train" / "cat" / "big.png", np.zeros((9, 7), dtype=np.uint8))
-    cfg = validate_config(_tree(str(tmp_path / "gray")))
+    cfg = checked(_tree(str(tmp_path / "gray")))
     with pytest.raises(ConfigError, match="big.png is 7x9 pixels but .* set data.image_size"):
         load_dataset(cfg.data)
-    resized = load_dataset(validate_config(_tree(str(tmp_path / "gray"),
+    resized = load_dataset(checked(_tree(str(tmp_path / "gray"),
                                                  image_size=[4, 3])).data)
     assert resized.x_train.shape == (7, 1, 4, 3)
 
@@ -434,7 +439,7 @@ def test_a_damaged_image_after_the_first_stops_before_ray_naming_the_file(tmp_pa
     assert cfg_error.startswith(f"data.dataset: {tmp_path / 'pics' / name} {message}")
     # what the check refuses, the load (in the driver, on Ray) would have refused
     with pytest.raises(ConfigError) as err:
-        load_dataset(validate_config(_tree(str(tmp_path / "pics"))).data)
+        load_dataset(checked(_tree(str(tmp_path / "pics"))).data)
     assert str(err.value).startswith(f"data.dataset: {tmp_path / 'pics' / name} ")
 
 
@@ -450,8 +455,8 @@ def test_images_that_load_pass_the_checks_before_ray(tmp_path, name, content):
     _folder(tmp_path / "pics")
     (tmp_path / "pics" / name).write_bytes(content)
     tree = {**_tree(str(tmp_path / "pics"), image_size=[6, 5]), "output": str(tmp_path / "r")}
-    check_before_ray(validate_config(tree))
-    assert load_dataset(validate_config(tree).data).x_train.shape[1:] == (3, 6, 5)
+    check_before_ray(checked(tree))
+    assert load_dataset(checked(tree).data).x_train.shape[1:] == (3, 6, 5)
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -485,7 +490,7 @@ def test_unknown_names_and_misplaced_keys(tmp_path):
 
 # ----- a model of the user's ----------------------------------------------------------------
 def test_an_import_path_model_is_built_checked_and_its_convs_but_the_first_are_eligible(pkg):
-    cfg = validate_config(_tree("digits", model=f"{pkg}.nets:build"))
+    cfg = checked(_tree("digits", model=f"{pkg}.nets:build"))
     assert cfg.model == f"{pkg}.nets:build"
     model = build_model(cfg.model, (1, 8, 8), 10)
     assert isinstance(model, nn.Sequential) and model.training
@@ -545,7 +550,7 @@ def test_a_local_run_with_the_users_dataset_and_model_through_the_cli(pkg, tmp_p
                   lips={"sparsity": 0.5, "period": 1})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     script = Path(sys.executable).with_name("ray-lips")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "ray_lips.cli.commands"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ray_lips.cli"]
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": "."}
     result = subprocess.run([*command, "run", "config.yaml", "--local"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=env)
@@ -569,7 +574,7 @@ def test_a_nan_in_an_npz_stops_the_command_before_any_run_folder_or_ray(tmp_path
               "train": {"rounds": 1, "batch_size": 10}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "run", "config.yaml",
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", "config.yaml",
                              "--local"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 2, result.stderr
@@ -588,7 +593,7 @@ def test_a_nan_in_an_npz_stops_a_sweep_before_ray(tmp_path):
             "sweep": {"grid": {"seed": [0, 1]}, "storage_path": str(tmp_path / "results")}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "sweep", "spec.yaml"],
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "sweep", "spec.yaml"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-CLI = [sys.executable, "-m", "ray_lips.cli.commands"]
+CLI = [sys.executable, "-m", "ray_lips.cli"]
 
 
 def _config(tmp_path: Path, tree: dict, **train) -> Path:

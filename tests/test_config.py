@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from ray_lips.config import ConfigError, load_config, validate_config
+from ray_lips.config.checks import check_config
 
 
 def _write(tmp_path: Path, tree: dict) -> Path:
@@ -42,24 +43,37 @@ def test_sweep_section_is_ignored_by_run_configs(tmp_path, tiny_config):
     ("data.dataset=mypkg_that_is_absent.data:load", "data.dataset"),
 ])
 def test_invalid_values_name_their_key(tmp_path, tiny_config, override, key):
+    """Whether from the schema (values alone) or from the checks a command makes next
+    (imports, files, what the dataset allows), the message names the key."""
     with pytest.raises(ConfigError) as err:
-        load_config(_write(tmp_path, tiny_config), [override])
+        check_config(load_config(_write(tmp_path, tiny_config), [override]))
     assert key in str(err.value)
+
+
+def test_validation_reads_no_file_and_imports_no_user_code(tmp_path, tiny_config):
+    """The schema is pure: a dataset file that is not there, or a module that does not import,
+    is the checks' business, once per command."""
+    tiny_config["data"]["dataset"] = str(tmp_path / "absent.npz")
+    tiny_config["model"] = "mypkg_that_is_absent.nets:build"
+    cfg = validate_config(tiny_config)
+    assert cfg.data.source is None
+    with pytest.raises(ConfigError, match="data.dataset: .*absent.npz"):
+        check_config(cfg)
 
 
 def test_more_samples_than_a_partition_can_give(tiny_config):
     tiny_config["data"].update(partition="uniform", clients=100, train_per_client=100)
     with pytest.raises(ConfigError, match="data.train_per_client"):
-        validate_config(tiny_config)
+        check_config(validate_config(tiny_config))
 
 
 def test_model_must_fit_the_data_dimension(tiny_config):
     tiny_config["data"]["dataset"] = "mnist1d"
     tiny_config["model"] = "resnet8"
     with pytest.raises(ConfigError, match="model"):
-        validate_config(tiny_config)
+        check_config(validate_config(tiny_config))
     tiny_config["model"] = "resnet8_1d"
-    assert validate_config(tiny_config).model == "resnet8_1d"
+    assert check_config(validate_config(tiny_config)).model == "resnet8_1d"
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -158,13 +158,25 @@ def test_a_relative_storage_path_inside_a_ray_job_is_below_home(tmp_path, tiny_c
     ({"max_concurrent_trials": 0}, "sweep.max_concurrent_trials: expected an integer >= 1"),
     ({"storage_path": "s3://bucket/results"}, "sweep.storage_path: 's3://bucket/results'"),
     ({"name": "a/b"}, "sweep.name: 'a/b'"),
-    ({"grid": {"model": ["smallcnn", "resnet8_1d"]}}, "the trial model=resnet8_1d is invalid"),
     ({"grid": {"resources.gpus_per_pool": [1.5]}}, "resources.gpus_per_pool: 1.5"),
 ])
 def test_bad_specs_name_the_key(tiny_config, section, needle):
     with pytest.raises(SpecError) as err:
         parse_spec(_spec(tiny_config, **section))
     assert needle in str(err.value)
+
+
+def test_a_trial_its_dataset_does_not_fit_stops_the_sweep_before_ray(tiny_config, tmp_path):
+    """The schema checks values alone; what a dataset allows is checked once per distinct
+    trial by ``ray-lips sweep`` before Ray starts, naming the trial."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tiny_config, grid={"model": ["smallcnn",
+                                                                      "resnet8_1d"]})))
+    parse_spec(yaml.safe_load(path.read_text()))  # the spec itself is well-formed
+    result = CliRunner().invoke(sweep, [str(path)])
+    assert result.exit_code == 2
+    assert "the trial model=resnet8_1d is invalid: model: 'resnet8_1d' does not fit" in \
+        result.output
 
 
 def test_bad_base_config_is_reported_like_ray_lips_run(tiny_config):

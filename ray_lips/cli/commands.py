@@ -12,7 +12,14 @@ from pathlib import Path
 import click
 
 from ray_lips.cluster.jobpaths import durable_path
-from ray_lips.config import ConfigError, ExperimentConfig, load_config
+from ray_lips.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    load_config,
+    validate_config,
+)
+from ray_lips.config.checks import check_config
 from ray_lips.core.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -33,18 +40,27 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _load(config: str, overrides: tuple[str, ...], quiet: bool = False) -> ExperimentConfig:
-    """The validated config; a ``--set`` that changes more than its own key says so (one
-    line each, unless ``quiet``)."""
+def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
+    """The validated and checked config; a ``--set`` that changes more than its own key says so
+    (one line each)."""
     notes: list[str] = []
     try:
-        cfg = absolute_paths(load_config(config, overrides, notes))
+        cfg = absolute_paths(check_config(load_config(config, overrides, notes)))
     except ConfigError as err:
         _fail(str(err))
         raise  # unreachable
-    for note in [] if quiet else notes:
+    for note in notes:
         click.echo(f"note: {note}", err=True)
     return cfg
+
+
+def _variant(base: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """``base`` with more keys set: validated, not checked again (``base`` was)."""
+    try:
+        return validate_config(apply_overrides(base.to_dict(), overrides))
+    except ConfigError as err:
+        _fail(str(err))
+        raise  # unreachable
 
 
 def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
@@ -214,7 +230,7 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             _fail("--resume takes the run's own config; do not pass CONFIG or --set")
         writer = RunWriter(run_dir)
         try:
-            cfg = absolute_paths(writer.read_config())
+            cfg = absolute_paths(check_config(writer.read_config()))
         except ConfigError as err:
             _fail(f"--resume: {run_dir / 'config.yaml'}: {err}")
         status = writer.read_status()
@@ -327,8 +343,7 @@ def compare(config: str, overrides: tuple[str, ...], address: str | None,
     cfgs: dict[str, ExperimentConfig] = {}  # by the label run folders and reports use too
     for method in asked:
         algorithm, handout = _method_keys(method)
-        cfg = _load(config, (*overrides, f"algorithm={algorithm}", f"handout={handout}"),
-                    quiet=True)
+        cfg = _variant(base, [f"algorithm={algorithm}", f"handout={handout}"])
         cfgs.setdefault(_label(cfg), cfg)  # ``lips`` and ``fedavg+lips`` are one method
     labels = list(cfgs)
     _connect_and_check(base, address)  # one run must fit; the others wait their turn

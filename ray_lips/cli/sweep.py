@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from ray_lips.cluster.jobpaths import in_ray_job, where
 from ray_lips.cluster.sweep_spec import ClusterError, SweepSpec, check_cluster, describe, load_spec
-from ray_lips.config import ConfigError
+from ray_lips.config import DATASETS, ConfigError, is_import_path, validate_config
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,18 +46,34 @@ def _check_start(spec: SweepSpec, resume: bool) -> None:
               "or start another with --set sweep.name=NEW_NAME")
 
 
-def _check_datasets(spec: SweepSpec) -> None:
-    """Every value of a ``.npz`` and every image of a folder the trials use, read once per
-    distinct dataset before Ray starts (a NaN would otherwise fail each trial on Ray)."""
-    from ray_lips.config.checks import check_dataset_contents  # noqa: PLC0415
+def _check_configs(spec: SweepSpec) -> None:
+    """The checks that read files or import the user's code, before Ray, once per distinct
+    dataset and model of the trials: a user's module imported, a file or folder dataset found,
+    fingerprinted and read once (every value of a ``.npz``, every image of a folder: a NaN
+    would otherwise fail each trial on Ray), the sizes each partition needs. The base's dataset
+    is then carried by absolute path with its fingerprint, as the trials receive it."""
+    from ray_lips.config.checks import check_config, check_dataset_contents  # noqa: PLC0415
 
-    seen: set[str] = set()
+    checked: set[str] = set()
     try:
-        for cfg in spec.trial_configs():
-            key = cfg.data.model_dump_json()
-            if key not in seen:
-                seen.add(key)
-                check_dataset_contents(cfg)
+        spec.base = check_config(validate_config(spec.base)).to_dict()
+        for overrides, cfg in zip(spec.trials, spec.trial_configs(), strict=True):
+            dataset = overrides.get("data.dataset")
+            if (isinstance(dataset, str) and dataset not in DATASETS
+                    and not is_import_path(dataset)
+                    and not Path(dataset).expanduser().is_absolute()):
+                raise ConfigError(f"sweep: data.dataset: {dataset!r} in a trial must be an "
+                                  "absolute path (trials run in their own folders)")
+            key = cfg.data.model_dump_json() + cfg.model
+            if key not in checked:
+                checked.add(key)
+                try:
+                    check_dataset_contents(check_config(cfg))
+                except ConfigError as err:
+                    if not any(k == "model" or k.startswith("data.") for k in overrides):
+                        raise  # the base's dataset and model: every trial's problem
+                    raise ConfigError(f"sweep: the trial {describe(overrides)} is invalid: "
+                                      f"{str(err).removeprefix('invalid config: ')}") from None
     except ConfigError as err:
         _fail(str(err))
 
@@ -96,7 +113,7 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
                    f"folder, not from the job's temporary copy of the working directory "
                    f"({spec.storage_path})", err=True)
     _check_start(spec, resume)
-    _check_datasets(spec)
+    _check_configs(spec)
     click.echo(f"sweep {spec.name!r}: {spec.total_trials} trial(s) -> "
                f"{where(spec.experiment_dir)}", err=True)
     for overrides_ in spec.trials[:20]:

@@ -12,6 +12,7 @@ from ray_lips.config.schema import (
     TrainConfig,
     apply_overrides,
     flatten_keys,
+    is_import_path,
     load_config,
     parse_value,
     read_yaml,
@@ -21,5 +22,6 @@ from ray_lips.config.schema import (
 )
 
 __all__ = ["DATASETS", "MODELS", "SAFE_NAME", "ConfigError", "DataConfig", "ExperimentConfig",
-           "ResourcesConfig", "TrainConfig", "apply_overrides", "flatten_keys", "load_config",
+           "ResourcesConfig", "TrainConfig", "apply_overrides", "flatten_keys", "is_import_path",
+           "load_config",
            "parse_value", "read_yaml", "set_key", "set_keys", "validate_config"]

@@ -1,8 +1,11 @@
-"""Checks made on the user's machine before any Ray work: files a run will need (and the values
-and images in a dataset of the user's), folders it will write, and data requests that will be
-met by reusing samples.
+"""Checks made on the user's machine before any Ray work, once per command, on a config the
+schema has validated: a dataset or model of the user's (imported, or found and fingerprinted),
+what the dataset's sizes allow, files a run will need (and the values and images in a dataset of
+the user's), folders it will write, and data requests that will be met by reusing samples.
 
-Each failure is a ``ConfigError`` naming the key; each caveat is a one-line warning.
+:func:`check_config` returns the config as runs carry it (a file or folder dataset by absolute
+path, with ``data.source``); :func:`check_before_ray` adds the slower checks of files and
+folders. Each failure is a ``ConfigError`` naming the key; each caveat is a one-line warning.
 """
 
 from __future__ import annotations
@@ -10,13 +13,82 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ray_lips.config import ConfigError, ExperimentConfig
+from ray_lips.config import (
+    DATASETS,
+    MODELS,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    is_import_path,
+)
 
 # What torchvision reads under data.root, and the archive it would download.
 _CIFAR_FILES = {
     "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "CIFAR-10"),
     "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "CIFAR-100"),
 }
+
+
+def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The checks of ``cfg`` that read files or import the user's code; returns ``cfg`` with a
+    file or folder dataset resolved (absolute path, ``data.source`` recorded or verified)."""
+    try:
+        cfg = _resolve_dataset(cfg)
+        if cfg.model not in MODELS:
+            from ray_lips.data.userimport import import_object
+
+            import_object(cfg.model, "model")
+        _check_sizes(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"invalid config: {err}") from None
+    return cfg
+
+
+def _resolve_dataset(cfg: ExperimentConfig) -> ExperimentConfig:
+    from ray_lips.data import byo
+
+    data = cfg.data
+    if data.dataset in DATASETS:
+        return cfg if data.source is None else cfg.model_copy(
+            update={"data": data.model_copy(update={"source": None})})
+    dataset = byo.resolve(data.dataset)
+    given = data.source.model_dump() if data.source is not None else None
+    source = byo.source_record(dataset, given)
+    return cfg.model_copy(update={"data": DataConfig.model_validate(
+        {**data.model_dump(), "dataset": dataset, "source": source})})
+
+
+def _check_sizes(cfg: ExperimentConfig) -> None:
+    """What the dataset's sizes decide (skipped for a function's data, which is checked when
+    the run loads it)."""
+    from ray_lips.data.byo import kind
+    from ray_lips.data.datasets import dataset_info
+
+    d, model = cfg.data, cfg.model
+    if d.image_size is not None and kind(d.dataset) != "images":
+        raise ConfigError("data.image_size: applies to image-folder datasets only; "
+                          f"{d.dataset!r} is not one")
+    info = dataset_info(d)
+    if info is None:
+        return
+    dims = len(info.sample_shape) - 1
+    wants_1d = model.endswith("_1d")
+    if model in MODELS and model != "smallcnn" and wants_1d != (dims == 1):
+        kind_ = "1-D (channels, length)" if dims == 1 else "2-D images"
+        hint = "a *_1d model" if dims == 1 else "a model without the _1d suffix"
+        raise ConfigError(f"model: {model!r} does not fit dataset {d.dataset!r}, whose samples "
+                          f"are {kind_}; use {hint} or smallcnn")
+    if d.partition == "uniform" and d.clients * d.train_per_client > info.train_size:
+        raise ConfigError(
+            f"data.train_per_client: uniform partition needs clients x train_per_client = "
+            f"{d.clients * d.train_per_client} disjoint samples, but {d.dataset} has "
+            f"{info.train_size} training samples")
+    if d.partition == "pathological" and d.classes_per_client > info.num_classes:
+        raise ConfigError(f"data.classes_per_client: {d.classes_per_client} exceeds the "
+                          f"{info.num_classes} classes of {d.dataset}")
+    if d.partition in ("iid", "uniform") and d.test_per_client > info.test_size:
+        raise ConfigError(f"data.test_per_client: {d.test_per_client} exceeds the "
+                          f"{info.test_size} test samples of {d.dataset}")
 
 
 def check_output(cfg: ExperimentConfig) -> None:
@@ -99,7 +171,7 @@ def sample_reuse_warning(cfg: ExperimentConfig) -> str | None:
 def check_user_modules(cfg: ExperimentConfig) -> None:
     """A dataset or model named by an import path must be importable by Ray's workers, which
     do not look in the folder the command runs in."""
-    from ray_lips.data.userimport import found_without_working_directory, is_import_path
+    from ray_lips.data.userimport import found_without_working_directory
 
     for key, path in (("data.dataset", cfg.data.dataset), ("model", cfg.model)):
         if is_import_path(path) and not found_without_working_directory(path):

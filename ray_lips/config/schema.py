@@ -1,7 +1,9 @@
 """Experiment configuration: one validated schema, YAML in, a typed object out.
 
 The key names here are public: sweeps, docs and analysis use them. Every check that can be made
-without touching data or Ray is made here, so a bad value stops with one message naming its key.
+from the values alone is made here, so a bad value stops with one message naming its key.
+Validation is pure: it reads no file and imports none of the user's code (that is
+:mod:`ray_lips.config.checks`, run once per command before Ray starts).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ MODELS = (
 )
 PARTITIONS = ("dirichlet", "pathological", "iid", "uniform")
 SCORERS = ("sensitivity", "magnitude", "gradient", "random")
+_NAME = r"[A-Za-z_]\w*"
+IMPORT_PATH = re.compile(rf"{_NAME}(?:\.{_NAME})*:{_NAME}(?:\.{_NAME})*")
+
+
+def is_import_path(text: str) -> bool:
+    """Whether ``text`` has the form ``package.module:name`` (dotted names on both sides): a
+    dataset, model or algorithm of the user's."""
+    return bool(IMPORT_PATH.fullmatch(text))
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
-
-
-def _byo_kind(dataset: str) -> str:
-    from ray_lips.data.byo import kind
-
-    return kind(dataset)
 
 
 class _Strict(BaseModel):
@@ -61,7 +65,8 @@ class SourceRecord(_Strict):
 
 class DataConfig(_Strict):
     # a built-in name (DATASETS), an import path "package.module:function", or the path of a
-    # .npz file or an image folder (see ray_lips/data/byo.py); validated by ExperimentConfig
+    # .npz file or an image folder (see ray_lips/data/byo.py); resolved and checked by
+    # ray_lips.config.checks.check_config
     dataset: str = "digits"
     root: str = "~/.cache/ray-lips"
     partition: Literal["dirichlet", "pathological", "iid", "uniform"] = "dirichlet"
@@ -73,7 +78,7 @@ class DataConfig(_Strict):
     augment: bool | Literal["auto", "reference"] = "auto"
     synthetic: SyntheticConfig = SyntheticConfig()
     image_size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
-    source: SourceRecord | None = None  # filled in by validation for a file or folder dataset
+    source: SourceRecord | None = None  # filled in by check_config for a file or folder dataset
 
 
 class TrainConfig(_Strict):
@@ -180,37 +185,15 @@ class ExperimentConfig(_Strict):
             return {**tree, "algorithm": "fedavg", "handout": "lips"}
         return tree
 
-    @model_validator(mode="before")
+    @field_validator("model")
     @classmethod
-    def _users_data_and_model(cls, tree: Any) -> Any:
-        """Resolve a dataset or model of the user's before anything else is checked: import
-        paths must import, a file or folder dataset is recorded by absolute path and sha256
-        (``data.source``)."""
-        if not isinstance(tree, dict):
-            return tree
-        tree = dict(tree)
-        data = tree.get("data")
-        if isinstance(data, DataConfig):
-            data = data.model_dump()
-        if isinstance(data, dict) and isinstance(data.get("dataset"), str):
-            given = data.get("source")
-            data = {**data, "source": None}
-            if data["dataset"] not in DATASETS:
-                from ray_lips.data import byo
-
-                data["dataset"] = byo.resolve(data["dataset"])
-                data["source"] = byo.source_record(data["dataset"], given)
-            tree["data"] = data
-        model = tree.get("model")
-        if isinstance(model, str) and model not in MODELS:
-            from ray_lips.data.userimport import import_object, is_import_path
-
-            if not is_import_path(model):
-                raise ConfigError(f"model: unknown model {model!r}; choose one of "
-                                  f"{', '.join(MODELS)}, or give an import path "
-                                  "package.module:builder")
-            import_object(model, "model")
-        return tree
+    def _model_name(cls, value: str) -> str:
+        """A name of the zoo or an import path; whether the path imports is a check
+        (:func:`ray_lips.config.checks.check_config`), not part of the schema."""
+        if value not in MODELS and not is_import_path(value):
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(MODELS)}, or "
+                             "give an import path package.module:builder")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -222,7 +205,6 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        self._data_checks()
         if self.handout == "lips" and self.algorithm not in SPARSE_HANDOUT_ALGORITHMS:
             raise ValueError(
                 f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
@@ -234,44 +216,6 @@ class ExperimentConfig(_Strict):
                 "clients; a pool must host at least one client"
             )
         return self
-
-    def _data_checks(self) -> None:
-        """What the dataset's sizes decide (skipped for a function's data, which is checked
-        when the run loads it)."""
-        from ray_lips.data.datasets import dataset_info
-
-        d = self.data
-        if d.image_size is not None and _byo_kind(d.dataset) != "images":
-            raise ValueError("data.image_size: applies to image-folder datasets only; "
-                             f"{d.dataset!r} is not one")
-        info = dataset_info(d)
-        if info is None:
-            return
-        dims = len(info.sample_shape) - 1
-        wants_1d = self.model.endswith("_1d")
-        if self.model in MODELS and self.model != "smallcnn" and wants_1d != (dims == 1):
-            kind_ = "1-D (channels, length)" if dims == 1 else "2-D images"
-            hint = "a *_1d model" if dims == 1 else "a model without the _1d suffix"
-            raise ValueError(
-                f"model: {self.model!r} does not fit dataset {d.dataset!r}, whose samples "
-                f"are {kind_}; use {hint} or smallcnn"
-            )
-        if d.partition == "uniform" and d.clients * d.train_per_client > info.train_size:
-            raise ValueError(
-                f"data.train_per_client: uniform partition needs clients x train_per_client = "
-                f"{d.clients * d.train_per_client} disjoint samples, but {d.dataset} has "
-                f"{info.train_size} training samples"
-            )
-        if d.partition == "pathological" and d.classes_per_client > info.num_classes:
-            raise ValueError(
-                f"data.classes_per_client: {d.classes_per_client} exceeds the "
-                f"{info.num_classes} classes of {d.dataset}"
-            )
-        if d.partition in ("iid", "uniform") and d.test_per_client > info.test_size:
-            raise ValueError(
-                f"data.test_per_client: {d.test_per_client} exceeds the {info.test_size} test "
-                f"samples of {d.dataset}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

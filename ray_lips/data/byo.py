@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ray_lips.config import DATASETS, ConfigError
+from ray_lips.config import DATASETS, ConfigError, is_import_path
 from ray_lips.data import images
 from ray_lips.data.arrays import (
     KEYS,
@@ -45,7 +45,7 @@ from ray_lips.data.arrays import (
     non_finite_error,
     rows_per_step,
 )
-from ray_lips.data.userimport import import_object, is_import_path
+from ray_lips.data.userimport import import_object
 
 if TYPE_CHECKING:
     from ray_lips.config import DataConfig

@@ -12,18 +12,11 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
-_NAME = r"[A-Za-z_]\w*"
-IMPORT_PATH = re.compile(rf"{_NAME}(?:\.{_NAME})*:{_NAME}(?:\.{_NAME})*")
-
-
-def is_import_path(text: str) -> bool:
-    """Whether ``text`` has the form ``package.module:function`` (dotted names on both sides)."""
-    return bool(IMPORT_PATH.fullmatch(text))
+from ray_lips.config import ConfigError
 
 
 def _one_line(err: BaseException) -> str:
@@ -32,8 +25,6 @@ def _one_line(err: BaseException) -> str:
 
 def import_object(path: str, key: str) -> Callable[..., Any]:
     """The callable ``path`` names; ``ConfigError`` naming ``key`` if it cannot be had."""
-    from ray_lips.config import ConfigError
-
     module_name, _, attribute = path.partition(":")
     importlib.invalidate_caches()  # see modules written since the last import
     try:

@@ -112,8 +112,8 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
         click.echo(f"sweep.storage_path is relative: inside a Ray job it is taken from the home "
                    f"folder, not from the job's temporary copy of the working directory "
                    f"({spec.storage_path})", err=True)
+    _check_configs(spec)  # before comparing with a saved spec: its base was checked too
     _check_start(spec, resume)
-    _check_configs(spec)
     click.echo(f"sweep {spec.name!r}: {spec.total_trials} trial(s) -> "
                f"{where(spec.experiment_dir)}", err=True)
     for overrides_ in spec.trials[:20]:

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ray_lips.data.augment import Normalisation, input_pipeline, prepare_batch
-    from ray_lips.data.datasets import ArrayDataset, DatasetInfo, dataset_info, load_dataset
+    from ray_lips.data.datasets import dataset_info, load_dataset
+    from ray_lips.data.in_memory import ArrayDataset, DatasetInfo
     from ray_lips.data.partition import ClientSplit, partition_clients
 
 _WHERE = {
-    "DatasetInfo": "datasets",
+    "DatasetInfo": "in_memory",
     "dataset_info": "datasets",
-    "ArrayDataset": "datasets",
+    "ArrayDataset": "in_memory",
     "load_dataset": "datasets",
     "ClientSplit": "partition",
     "partition_clients": "partition",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from ray_lips.config import DataConfig
-    from ray_lips.data.datasets import ArrayDataset
+    from ray_lips.data.in_memory import ArrayDataset
 
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
 STEP_KINDS = ("normalise", "crop_flip", "flip", "rotate", "crop")

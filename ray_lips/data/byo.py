@@ -45,11 +45,12 @@ from ray_lips.data.arrays import (
     non_finite_error,
     rows_per_step,
 )
+from ray_lips.data.in_memory import DatasetInfo
 from ray_lips.data.userimport import import_object
 
 if TYPE_CHECKING:
     from ray_lips.config import DataConfig
-    from ray_lips.data.datasets import ArrayDataset, DatasetInfo
+    from ray_lips.data.in_memory import ArrayDataset
 
 KEY = "data.dataset"
 
@@ -140,8 +141,6 @@ def _folder_sha256(root: Path, _key: tuple) -> str:
 def dataset_info(data: DataConfig) -> DatasetInfo | None:
     """Sizes, classes and sample shape of a file or folder dataset (``None`` for a function,
     which is only called when the run loads its data)."""
-    from ray_lips.data.datasets import DatasetInfo
-
     found = kind(data.dataset)
     if found == "builtin":
         raise ValueError(f"{data.dataset} is a built-in dataset")
@@ -159,8 +158,6 @@ def dataset_info(data: DataConfig) -> DatasetInfo | None:
 @functools.lru_cache(maxsize=32)
 def _npz_info(path: str, _size: int, _mtime_ns: int) -> DatasetInfo:
     """Checks an ``.npz`` file from its array headers and labels (the samples are not read)."""
-    from ray_lips.data.datasets import DatasetInfo
-
     where = f"{KEY}: {path}"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -329,7 +326,7 @@ def _read_npz(path: Path, where: str) -> tuple[dict[str, np.ndarray], Any]:
 
 
 def _pack(arrays: Any) -> ArrayDataset:
-    from ray_lips.data.datasets import pack_dataset
+    from ray_lips.data.in_memory import pack_dataset
 
     mean, std = channel_stats(arrays.x_train)
     return pack_dataset(arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test,

@@ -2,8 +2,9 @@
 
 A *method* is an algorithm, the knobs of that algorithm's own config section, and a hand-out:
 
-- the algorithm: ``fedavg``, ``fedprox``, ``scaffold``, ``fedper``, ``ditto`` or ``local``;
-  its knobs are the keys of the section named after it (``fedprox.mu``, ``ditto.lam``, ...);
+- the algorithm: a built-in one (:data:`ALGORITHMS`, from ``ray_lips.algorithms.registry``) or
+  one of the user's, named by import path and known here by its section's name; its knobs are
+  the keys of the section named after it (``fedprox.mu``, ``ditto.lam``, ...);
 - the hand-out: ``dense``, or ``lips`` with the knobs of the ``lips`` section.
 
 Legacy configs are read as they were meant: ``algorithm: lips`` is FedAvg with the LIPS
@@ -39,8 +40,11 @@ from typing import Any
 
 import pandas as pd
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedper", "ditto", "local")
-HANDOUTS = ("dense", "lips")
+from ray_lips.algorithms import registry
+from ray_lips.config import ExperimentConfig, is_import_path
+
+ALGORITHMS = registry.names()  # the built-in algorithms, in the order tables list them
+ALGORITHM_TITLES = {name: cls.label for name, cls in registry.builtin().items()}  # "FedProx"
 LEGACY_LIPS = "lips"  # the old ``algorithm: lips``: FedAvg with the LIPS hand-out
 LIPS_SECTION = "lips"
 LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS label
@@ -81,13 +85,26 @@ def short(key: str) -> str:
 
 
 def normalise(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(algorithm, hand-out) of a flattened config, legacy ``algorithm: lips`` included."""
+    """(algorithm, hand-out) of a flattened config, legacy ``algorithm: lips`` included; an
+    algorithm of the user's by its name."""
     raw = config.get("algorithm")
     algorithm = "?" if missing(raw) else str(raw)
     if algorithm == LEGACY_LIPS:
         return "fedavg", "lips"
+    if is_import_path(algorithm):
+        algorithm = own_algorithm_name(algorithm, config)
     handout = config.get("handout")
     return algorithm, "dense" if missing(handout) else str(handout)
+
+
+def own_algorithm_name(path: str, config: Mapping[str, Any]) -> str:
+    """The name of the user's algorithm ``path`` in a flattened config: its section's (the
+    one section the schema does not know), else its class's name in lower case (as
+    ``ExperimentConfig.algorithm_name``)."""
+    sections = {key.split(".", 1)[0] for key, value in config.items()
+                if isinstance(key, str) and "." in key and not missing(value)}
+    own = sections - set(ExperimentConfig.model_fields)
+    return own.pop() if len(own) == 1 else path.rpartition(":")[2].rpartition(".")[2].lower()
 
 
 def _own_section(algorithm: str, key: str) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-import typing
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -11,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from ray_lips.algorithms import ALGORITHMS, build_algorithm
-from ray_lips.algorithms.base import Trained, TrainJob
-from ray_lips.config import ConfigError, validate_config
-from ray_lips.config.schema import SPARSE_HANDOUT_ALGORITHMS, AlgorithmName
+from ray_lips.algorithms import build_algorithm, registry
+from ray_lips.algorithms.base import ClientRound, Trained, TrainJob
+from ray_lips.config import ConfigError, ExperimentConfig, validate_config
 from ray_lips.core.aggregate import add_client, to_state
 from ray_lips.core.run import FederatedRun, run_local
 from ray_lips.pools.client_store import ClientStore
@@ -68,12 +68,35 @@ def test_lips_on_an_algorithm_without_a_handed_global_model_is_a_config_error(ti
         validate_config({**tiny_config, "algorithm": algorithm, "handout": "lips"})
 
 
-def test_the_config_knows_every_algorithm_and_which_take_the_lips_handout():
-    """The config checks names and LIPS compatibility without importing the algorithms
-    (torch): its lists must say what the classes say."""
-    assert set(typing.get_args(AlgorithmName)) == set(ALGORITHMS)
-    assert SPARSE_HANDOUT_ALGORITHMS == {name for name, cls in ALGORITHMS.items()
-                                         if cls.sparse_handout}
+def test_config_errors_come_before_torch_loads():
+    """The registry and the schema built from it load without torch, so a bad config stops in
+    a fraction of a second, with the algorithms' own sections checked."""
+    code = ("import sys\n"
+            "import ray_lips.config, ray_lips.algorithms.registry\n"
+            "from ray_lips.config import ConfigError, validate_config\n"
+            "try:\n"
+            "    validate_config({'algorithm': 'fedprox', 'fedprox': {'mu': -1}})\n"
+            "except ConfigError as err:\n"
+            "    print(err)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "fedprox.mu: Input should be greater than or equal to 0" in done.stdout
+
+
+def test_every_builtin_algorithm_is_found_with_its_section():
+    """Built-ins are the package's modules: each has its name, and its Options are the
+    config's section of that name (with the Options' defaults)."""
+    found = registry.builtin()
+    assert list(found) == ["fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"]
+    assert registry.composable_with_lips() == ("fedavg", "fedprox", "scaffold")
+    defaults = ExperimentConfig()
+    for name, cls in found.items():
+        if cls.Options.model_fields:
+            assert getattr(defaults, name) == cls.Options()
+        else:
+            assert name not in ExperimentConfig.model_fields
 
 
 # ----- known answers -------------------------------------------------------------------------
@@ -135,7 +158,7 @@ class _Vector(nn.Module):
 
 @dataclass
 class _QuadraticClients:
-    """ClientContext of clients whose loss is 1/(2n) ||A_i w - b_i||^2, trained by K steps of
+    """A trainer of clients whose loss is 1/(2n) ||A_i w - b_i||^2, trained by K steps of
     plain gradient descent (with the algorithm's correction): the setting of SCAFFOLD's
     analysis, where the optimum has a closed form."""
 
@@ -144,23 +167,16 @@ class _QuadraticClients:
     steps: int
     momentum: float = 0.0
     store: ClientStore = field(default_factory=ClientStore)
-    remember: list[str] | None = None
-    global_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    total_weight: int = 0
-    population_weight: int = 0
 
-    def __post_init__(self):
-        self.trainer = self
-        self.total_weight = self.population_weight = sum(len(b) for _, b in self.problems)
+    def round(self, round_idx: int, state: dict, message: dict) -> ClientRound:
+        weight = sum(len(b) for _, b in self.problems)
+        return ClientRound(store=self.store, global_state=state, handed=lambda client: state,
+                           round_idx=round_idx, message=message, trainer=self,
+                           samples=lambda client: len(self.problems[client][1]),
+                           total_weight=weight, population_weight=weight, evaluate=False)
 
-    def handed(self, client: int):
-        return self.global_state
-
-    def samples(self, client: int) -> int:
-        return len(self.problems[client][1])
-
-    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
-              remember=None, evaluate: bool = False, epochs=None) -> list[Trained]:
+    def train(self, jobs: list[TrainJob], round_idx: int,
+              evaluate: bool = False) -> list[Trained]:
         out = []
         for job in jobs:
             a, b = self.problems[job.client]
@@ -188,11 +204,10 @@ def _federate(algorithm: str, ctx: _QuadraticClients, rounds: int, tiny_config) 
     state = {"w": torch.zeros(ctx.problems[0][0].shape[1], dtype=torch.float64)}
     server = alg.init_server_state(state)
     for r in range(rounds):
-        ctx.global_state = state
-        message = alg.server_message(server)
+        this_round = ctx.round(r, state, alg.server_message(server))
         sums: dict = {}
         for client in range(len(ctx.problems)):
-            for update in alg.train(ctx, [client], r, message, evaluate=False):
+            for update in alg.train(this_round, [client]):
                 for part, (tensors, weight) in update.parts.items():
                     sums[part] = add_client(sums.get(part), tensors, weight)
         averages = {part: to_state(total, {k: state[k] for k in total})
@@ -259,7 +274,7 @@ def test_local_only_is_each_client_training_alone(tmp_path, tiny_config):
                 local_train(model, shards[client].x_train, shards[client].y_train,
                             local_settings(cfg), norm, *stream_generators(cfg.seed, "local",
                                                                           client, r))
-            held = pool.algorithm.held_state(pool, client)
+            held = pool.algorithm.held_state(pool.view(), client)
             for key, value in model.state_dict().items():
                 assert torch.equal(value, held[key]), (client, key)
     run.close()
@@ -272,7 +287,7 @@ def test_fedper_shares_the_body_and_keeps_heads_personal(tmp_path, tiny_config):
     assert set(personal) == set(classifier.param_names)  # the classifier stays local
     for _ in range(2):
         row = run.run_round()
-        held = {c: pool.algorithm.held_state(pool, c)
+        held = {c: pool.algorithm.held_state(pool.view(), c)
                 for pool in run.pools.pools for c in pool.clients()}
         for key in run.global_state:
             values = [held[c][key] for c in held]
@@ -295,7 +310,7 @@ def test_ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(tmp_p
         run.run_round()
         pool = run.pools.pools[0]
         gaps[lam] = max(
-            sum(float((pool.algorithm.held_state(pool, c)[k] - start[k]).norm())
+            sum(float((pool.algorithm.held_state(pool.view(), c)[k] - start[k]).norm())
                 for k in start if start[k].is_floating_point() and "running" not in k)
             for c in pool.clients())
         run.close()
@@ -303,7 +318,8 @@ def test_ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(tmp_p
 
 
 # ----- the engine's guarantees, for every algorithm --------------------------------------------
-METHODS = [(name, "dense") for name in ALGORITHMS] + [("fedprox", "lips"), ("scaffold", "lips")]
+METHODS = [(name, "dense") for name in registry.names()] + [("fedprox", "lips"),
+                                                            ("scaffold", "lips")]
 
 
 @pytest.mark.parametrize(("algorithm", "handout"), METHODS)

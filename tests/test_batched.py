@@ -76,7 +76,7 @@ def _serial(model, starts, x, y, norm, settings, remember):
     return out
 
 
-def _batched(model, starts, x, y, norm, settings, remember, members=None, channels_last=None,
+def _batched(model, starts, x, y, norm, settings, remember, members=None, channels_last=True,
              slots=None):
     members = list(range(len(starts))) if members is None else members
     group = ClientGroup(model, slots or len(members), channels_last=channels_last)

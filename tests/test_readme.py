@@ -172,3 +172,18 @@ def test_readme_bring_your_own_example_runs(workspace, tmp_path):
     line = next(cmd for b in section if b.lang == "bash" for cmd in commands(b))
     out = _run(line, tmp_path, env)
     assert "acc_global" in out and (tmp_path / "runs").is_dir()
+
+
+def test_readme_algorithm_table_says_what_each_class_declares():
+    """One row per built-in algorithm, in the registry's order, with the class's label, its
+    global model (acc_global) and whether the LIPS hand-out composes with it."""
+    from ray_lips.algorithms import registry
+
+    section = README.split("### Algorithms\n", 1)[1].split("\n### ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `")][1:]  # under the header
+    assert [row[0].strip("`") for row in rows] == list(registry.names())
+    for row, cls in zip(rows, registry.builtin().values(), strict=True):
+        assert row[1] == cls.label
+        assert row[4].startswith("NaN") == (not cls.has_global_model), row
+        assert row[5] == ("yes" if cls.sparse_handout else "no"), row

@@ -1,44 +1,42 @@
-"""Federated algorithms and hand-outs, one module each; ``build`` picks them from a config.
+"""Federated algorithms, one module each, and the hand-outs (``handouts/``); the builders the
+driver and the pools use.
 
-| ``algorithm`` | module | global model | LIPS hand-out |
-|---|---|---|---|
-| ``fedavg``   | fedavg.py   | yes | yes |
-| ``fedprox``  | fedprox.py  | yes | yes |
-| ``scaffold`` | scaffold.py | yes | yes |
-| ``fedper``   | fedper.py   | no (personal heads) | no |
-| ``ditto``    | ditto.py    | yes (+ personal models) | no |
-| ``local``    | local.py    | no | no |
+Every module of this package that defines an :class:`~ray_lips.algorithms.base.Algorithm` with
+a ``name`` is a built-in algorithm (:mod:`ray_lips.algorithms.registry` finds them); a config
+may also name one of the user's by import path. Importing this package loads no torch: the
+hand-outs are imported when built.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ray_lips.algorithms import registry
 from ray_lips.algorithms.base import Algorithm
-from ray_lips.algorithms.ditto import Ditto
-from ray_lips.algorithms.fedavg import FedAvg
-from ray_lips.algorithms.fedper import FedPer
-from ray_lips.algorithms.fedprox import FedProx
-from ray_lips.algorithms.handouts.dense import DenseHandout
-from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS, LipsHandout
-from ray_lips.algorithms.local import LocalOnly
-from ray_lips.algorithms.scaffold import Scaffold
+from ray_lips.training.spec import LocalSettings
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ray_lips.algorithms.handouts.dense import DenseHandout
     from ray_lips.config import ExperimentConfig
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Scaffold, FedPer, Ditto, LocalOnly)}
-HANDOUTS = ("dense", "lips")
+
+def algorithm_class(cfg: ExperimentConfig) -> type[Algorithm]:
+    return registry.algorithm_class(cfg.algorithm)
 
 
 def build_algorithm(cfg: ExperimentConfig, model: nn.Module) -> Algorithm:
-    return ALGORITHMS[cfg.algorithm](cfg, model)
+    """``cfg``'s algorithm, given its own options and the run's local-training settings."""
+    cls = algorithm_class(cfg)
+    options = registry.options_of(cls, cfg.algorithm_section)
+    return cls(options, LocalSettings.of(cfg.train), model)
 
 
 def build_handout(cfg: ExperimentConfig, eligible: list[str]) -> DenseHandout:
+    from ray_lips.algorithms.handouts.dense import DenseHandout
+    from ray_lips.algorithms.handouts.lips import LipsHandout
+
     return LipsHandout(cfg, eligible) if cfg.handout == "lips" else DenseHandout()
 
 
@@ -46,11 +44,23 @@ def client_slots(cfg: ExperimentConfig) -> frozenset[str]:
     """The client-state slots a run of ``cfg`` keeps (its algorithm's and its hand-out's), with
     the older names of those slots a checkpoint may still use: all a checkpoint part of the run
     may hold."""
+    from ray_lips.algorithms.handouts.dense import DenseHandout
+    from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS, LipsHandout
+
     handout = LipsHandout if cfg.handout == "lips" else DenseHandout
-    declared = {*ALGORITHMS[cfg.algorithm].client_slots, *handout.client_slots}
+    declared = {*algorithm_class(cfg).client_slots, *handout.client_slots}
     return frozenset(declared | {old for old, new in LEGACY_CLIENT_SLOTS.items()
                                  if new in declared})
 
 
-__all__ = ["ALGORITHMS", "HANDOUTS", "LEGACY_CLIENT_SLOTS", "Algorithm", "build_algorithm",
-           "build_handout", "client_slots"]
+def __getattr__(name: str) -> Any:
+    """``LEGACY_CLIENT_SLOTS`` (LIPS's hand-out's, which imports torch), on first use."""
+    if name == "LEGACY_CLIENT_SLOTS":
+        from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS
+
+        return LEGACY_CLIENT_SLOTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Algorithm", "algorithm_class", "build_algorithm", "build_handout", "client_slots",
+           "registry"]

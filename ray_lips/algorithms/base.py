@@ -1,49 +1,70 @@
 """The algorithm interface: what a federated algorithm decides, and nothing the engine does.
 
-An algorithm has a client side and a server side:
+An algorithm is one class that declares everything about itself (its ``name``, its config
+section ``Options``, its ``label`` in reports, whether it has a global model, whether LIPS's
+sparse hand-out may compose with it, the client-state slots it keeps) and has two sides:
 
 - client (runs in the pool that hosts the client): :meth:`Algorithm.train` trains a group of
-  participants through the pool's trainer and returns, per client, the tensors to aggregate;
+  participants through the round's trainer and returns, per client, the tensors to aggregate;
   :meth:`Algorithm.held_state` is the model a client holds between rounds (what ``acc_after``
-  and fine-tuning use). What a client keeps between rounds lives in the pool's
-  :class:`~ray_lips.pools.client_store.ClientStore`.
+  and fine-tuning use). What a round offers it is a :class:`ClientRound`, nothing more; what a
+  client keeps between rounds lives in its :class:`~ray_lips.pools.client_store.ClientStore`.
 - server (runs in the driver): :meth:`Algorithm.server_message` is what a round sends to the
   pools besides the model, and :meth:`Algorithm.aggregate` turns the averaged parts into the next
   global state (and server state).
 
-Aggregation itself is the engine's: every part a client returns is summed on the exact
-fixed-point grid with the weight the algorithm gives it, so an algorithm never sees how
-clients were split into pools. The hand-out (dense, or LIPS's sparse copy) is a separate step,
-:class:`~ray_lips.algorithms.handouts.dense.Handout`: the algorithm asks the context for the model
-handed to a client and never knows which hand-out made it.
+An algorithm is built from its own options and the run's local-training settings
+(:class:`~ray_lips.training.spec.LocalSettings`), never the whole config. Aggregation itself is
+the engine's: every part a client returns is summed on the exact fixed-point grid with the
+weight the algorithm gives it, so an algorithm never sees how clients were split into pools.
+The hand-out (dense, or LIPS's sparse copy) is a separate step: the algorithm asks the round for
+the model handed to a client and never knows which hand-out made it.
+
+This module imports no torch (nor do the algorithm modules at import): the config schema is
+built from the algorithms' declarations before torch loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import torch
-from torch import nn
+from pydantic import BaseModel, ConfigDict
 
-from ray_lips.training.local import Correction, LocalResult
+from ray_lips.training.spec import Correction, LocalResult, LocalSettings
 
 if TYPE_CHECKING:
-    from ray_lips.config import ExperimentConfig
+    import torch
+    from torch import nn
+
     from ray_lips.pools.client_store import ClientStore
 
-Tensors = Mapping[str, torch.Tensor]
+Tensors = Mapping[str, "torch.Tensor"]
 MODEL = "model"  # the part every global-model algorithm aggregates: the clients' trained models
 
+__all__ = ["MODEL", "Algorithm", "AlgorithmOptions", "ClientRound", "ClientUpdate",
+           "ClientView", "Correction", "LocalResult", "LocalSettings", "Tensors", "TrainJob",
+           "Trained", "Trainer"]
 
-@dataclass
+
+class AlgorithmOptions(BaseModel):
+    """An algorithm's config section (the keys under its ``name``); no keys by default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
 class TrainJob:
-    """One client's local training: where it starts and what corrects its gradient."""
+    """One client's local training: where it starts, what corrects its gradient, and what the
+    algorithm asks of it beyond the run's local training."""
 
     client: int
     start: Tensors
     correction: Correction | None = None
+    stream: str = "local"  # its random stream of batch order and augmentation: or "personal"
+    epochs: int | None = None  # None: the run's train.local_epochs
+    remember: tuple[str, ...] = ()  # parameters whose last-batch gradient comes back
 
 
 @dataclass
@@ -57,30 +78,42 @@ class Trained:
 
 
 class Trainer(Protocol):
-    """Local training and evaluation of a pool's clients: one at a time, or batched groups."""
+    """Local training and evaluation of a pool's clients: one at a time, or batched groups
+    (whose jobs share a stream, epochs and remembered parameters)."""
 
-    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
-              remember: list[str] | None = None, evaluate: bool = False,
-              epochs: int | None = None) -> list[Trained]: ...
+    def train(self, jobs: list[TrainJob], round_idx: int,
+              evaluate: bool = False) -> list[Trained]: ...
 
     def accuracy(self, clients: list[int], states: list[Tensors]) -> list[float]: ...
 
 
-class ClientContext(Protocol):
-    """What the pool offers an algorithm's client side."""
+@dataclass(frozen=True)
+class ClientView:
+    """What an algorithm may read of a pool's clients at any time: the model each was handed
+    (dense, or its sparse copy), the global model the pool holds, and the clients' store."""
 
-    trainer: Trainer
     store: ClientStore
-    remember: list[str] | None  # parameters whose last-batch gradient the hand-out needs
-    global_state: dict[str, torch.Tensor]
-    total_weight: int  # training samples of all of this round's participants
+    global_state: Tensors
+    handed: Callable[[int], Tensors]  # handed(client): the global model as handed to it
+
+
+@dataclass(frozen=True)
+class ClientRound(ClientView):
+    """What one round offers an algorithm's client side in one pool."""
+
+    round_idx: int
+    message: Mapping[str, Tensors]  # what the algorithm's server side sent (server_message)
+    trainer: Trainer
+    samples: Callable[[int], int]  # samples(client): its training samples
+    total_weight: int  # training samples of all of this round's participants, over every pool
     population_weight: int  # training samples of all clients
+    evaluate: bool  # score each trained model on its client's test set (acc_before)
+    remember: tuple[str, ...] = ()  # parameters whose last-batch gradient the hand-out keeps
 
-    def handed(self, client: int) -> Tensors:
-        """The global model as handed to ``client`` (dense, or its sparse copy)."""
-        ...
-
-    def samples(self, client: int) -> int: ...
+    def job(self, client: int, start: Tensors,
+            correction: Correction | None = None) -> TrainJob:
+        """The round's training of ``client`` (with the gradients the hand-out needs)."""
+        return TrainJob(client, start, correction, remember=self.remember)
 
 
 @dataclass
@@ -95,16 +128,26 @@ class ClientUpdate:
 
 
 class Algorithm:
-    """Base class: FedAvg's behaviour where a subclass does not say otherwise."""
+    """Base class: FedAvg's behaviour where a subclass does not say otherwise.
+
+    A subclass sets ``name`` (the config's ``algorithm`` value and the name of its section),
+    and may set ``Options`` (its section), ``label``, ``has_global_model``,
+    ``sparse_handout``, ``client_slots`` and ``order``.
+    """
 
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # how documentation and help name it, e.g. "FedProx"
+    Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions  # its config section
     has_global_model: ClassVar[bool] = True  # False: acc_global and acc_test are NaN
     sparse_handout: ClassVar[bool] = True  # whether LIPS's hand-out may be composed with it
     client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots its clients keep
+    order: ClassVar[int] = 100  # its place in lists, tables and figures (then by name)
 
-    def __init__(self, cfg: ExperimentConfig, model: nn.Module):
-        """``model``: the architecture (read for its parameter and layer names, not kept)."""
-        self.cfg = cfg
+    def __init__(self, options: AlgorithmOptions, settings: LocalSettings, model: nn.Module):
+        """``options``: its section; ``settings``: the run's local training; ``model``: the
+        architecture (read for its parameter and layer names, not kept)."""
+        self.options = options
+        self.settings = settings
         self.parameter_names = [name for name, _ in model.named_parameters()]
 
     # ----- server side --------------------------------------------------------------------
@@ -123,30 +166,26 @@ class Algorithm:
         return {**global_state, **averages[MODEL]}, dict(server_state)
 
     # ----- client side --------------------------------------------------------------------
-    def train(self, ctx: ClientContext, clients: list[int], round_idx: int,
-              message: Mapping[str, Tensors], evaluate: bool) -> list[ClientUpdate]:
+    def train(self, round: ClientRound, clients: list[int]) -> list[ClientUpdate]:
         """Train ``clients`` (a group the trainer may batch) from the model handed to them."""
         jobs = []
         for client in clients:
-            start = self.start_state(ctx, client)
-            jobs.append(TrainJob(client, start, self.correction(ctx, client, start, message)))
-        done = ctx.trainer.train(jobs, round_idx, remember=ctx.remember, evaluate=evaluate)
-        return [self.update(ctx, job, trained, message)
-                for job, trained in zip(jobs, done, strict=True)]
+            start = self.start_state(round, client)
+            jobs.append(round.job(client, start, self.correction(round, client, start)))
+        done = round.trainer.train(jobs, round.round_idx, evaluate=round.evaluate)
+        return [self.update(round, job, trained) for job, trained in zip(jobs, done, strict=True)]
 
-    def start_state(self, ctx: ClientContext, client: int) -> Tensors:
+    def start_state(self, round: ClientRound, client: int) -> Tensors:
         """Where ``client``'s local training starts: the model it was handed."""
-        return ctx.handed(client)
+        return round.handed(client)
 
-    def correction(self, ctx: ClientContext, client: int, start: Tensors,
-                   message: Mapping[str, Tensors]) -> Correction | None:
+    def correction(self, round: ClientRound, client: int, start: Tensors) -> Correction | None:
         """The gradient correction of ``client``'s local objective (none for FedAvg)."""
         return None
 
-    def update(self, ctx: ClientContext, job: TrainJob, trained: Trained,
-               message: Mapping[str, Tensors]) -> ClientUpdate:
+    def update(self, round: ClientRound, job: TrainJob, trained: Trained) -> ClientUpdate:
         """What one trained client returns: its model, weighted by its share of the samples."""
-        weight = ctx.samples(job.client) / ctx.total_weight
+        weight = round.samples(job.client) / round.total_weight
         return ClientUpdate(job.client, trained.result.loss,
                             {MODEL: (self.shared(trained.state), weight)},
                             trained.result.last_grads, trained.accuracy)
@@ -156,6 +195,6 @@ class Algorithm:
         head)."""
         return state
 
-    def held_state(self, ctx: ClientContext, client: int) -> Tensors:
+    def held_state(self, view: ClientView, client: int) -> Tensors:
         """The model ``client`` holds between rounds: what it was handed."""
-        return ctx.handed(client)
+        return view.handed(client)

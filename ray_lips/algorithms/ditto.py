@@ -3,18 +3,20 @@
 Each round a participant first trains the global model it was handed, as FedAvg (that model
 is aggregated), then trains its personal model v for ``ditto.personal_epochs`` epochs
 (default: ``train.local_epochs``) on F_k(v) + (lam / 2) ||v - w||^2, w being the global model
-it was handed this round. A client's first personal model is that global model. The model a
-client holds (acc_after, fine-tuning) is its personal one.
+it was handed this round, with a random stream of its own. A client's first personal model is
+that global model. The model a client holds (acc_after, fine-tuning) is its personal one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from pydantic import Field
 
 from ray_lips.algorithms.base import (
     Algorithm,
-    ClientContext,
+    AlgorithmOptions,
+    ClientRound,
     ClientUpdate,
+    ClientView,
     Correction,
     Tensors,
     TrainJob,
@@ -25,21 +27,27 @@ PERSONAL = "ditto.personal"  # the client-state slot of the personal model
 
 class Ditto(Algorithm):
     name = "ditto"
+    label = "Ditto"
+    order = 40
     sparse_handout = False
     client_slots = (PERSONAL,)
 
-    def held_state(self, ctx: ClientContext, client: int) -> Tensors:
-        personal = ctx.store.get(client, PERSONAL)
-        return ctx.handed(client) if personal is None else personal
+    class Options(AlgorithmOptions):
+        lam: float = Field(0.1, ge=0)  # weight of the personal objective's (lam / 2) ||v - w||^2
+        personal_epochs: int | None = Field(None, ge=1)  # default: train.local_epochs
 
-    def train(self, ctx: ClientContext, clients: list[int], round_idx: int,
-              message: Mapping[str, Tensors], evaluate: bool) -> list[ClientUpdate]:
-        updates = super().train(ctx, clients, round_idx, message, evaluate)
-        ditto = self.cfg.ditto
-        jobs = [TrainJob(c, self.held_state(ctx, c),
-                         Correction(coef=ditto.lam, anchor=ctx.handed(c))) for c in clients]
-        personal = ctx.trainer.train(jobs, round_idx, stream="personal",
-                                     epochs=ditto.personal_epochs or self.cfg.train.local_epochs)
-        for done in personal:
-            ctx.store.put(done.client, PERSONAL, done.state)
+    options: Options
+
+    def held_state(self, view: ClientView, client: int) -> Tensors:
+        personal = view.store.get(client, PERSONAL)
+        return view.handed(client) if personal is None else personal
+
+    def train(self, round: ClientRound, clients: list[int]) -> list[ClientUpdate]:
+        updates = super().train(round, clients)
+        epochs = self.options.personal_epochs or self.settings.epochs
+        jobs = [TrainJob(c, self.held_state(round, c),
+                         Correction(coef=self.options.lam, anchor=round.handed(c)),
+                         stream="personal", epochs=epochs) for c in clients]
+        for done in round.trainer.train(jobs, round.round_idx):
+            round.store.put(done.client, PERSONAL, done.state)
         return updates

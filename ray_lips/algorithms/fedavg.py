@@ -8,3 +8,5 @@ from ray_lips.algorithms.base import Algorithm
 
 class FedAvg(Algorithm):
     name = "fedavg"
+    label = "FedAvg"
+    order = 0

@@ -8,51 +8,60 @@ global state's head entries stay at their initial values, unused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from torch import nn
+from pydantic import Field
 
 from ray_lips.algorithms.base import (
     Algorithm,
-    ClientContext,
+    AlgorithmOptions,
+    ClientRound,
     ClientUpdate,
+    ClientView,
+    LocalSettings,
     Tensors,
     Trained,
     TrainJob,
 )
-from ray_lips.models import layer_groups
 
 if TYPE_CHECKING:
-    from ray_lips.config import ExperimentConfig
+    from torch import nn
 
 HEAD = "fedper.head"  # the client-state slot of the personal layers
 
 
 class FedPer(Algorithm):
     name = "fedper"
+    label = "FedPer"
+    order = 30
     has_global_model = False
     sparse_handout = False
     client_slots = (HEAD,)
 
-    def __init__(self, cfg: ExperimentConfig, model: nn.Module):
-        super().__init__(cfg, model)
-        groups = layer_groups(model)[-cfg.fedper.personal_layers:]
+    class Options(AlgorithmOptions):
+        personal_layers: int = Field(1, ge=1)  # trailing parameter-owning layers kept local
+
+    options: Options
+
+    def __init__(self, options: Options, settings: LocalSettings, model: nn.Module):
+        from ray_lips.models import layer_groups
+
+        super().__init__(options, settings, model)
+        groups = layer_groups(model)[-options.personal_layers:]
         prefixes = tuple(f"{g.name}." for g in groups)
         self.personal = [k for k in model.state_dict() if k.startswith(prefixes)]
 
     def shared(self, state: Tensors) -> Tensors:
         return {k: v for k, v in state.items() if k not in self.personal}
 
-    def held_state(self, ctx: ClientContext, client: int) -> Tensors:
-        head = ctx.store.get(client, HEAD)
-        handed = ctx.handed(client)
+    def held_state(self, view: ClientView, client: int) -> Tensors:
+        head = view.store.get(client, HEAD)
+        handed = view.handed(client)
         return handed if head is None else {**handed, **head}
 
-    def start_state(self, ctx: ClientContext, client: int) -> Tensors:
-        return self.held_state(ctx, client)
+    def start_state(self, round: ClientRound, client: int) -> Tensors:
+        return self.held_state(round, client)
 
-    def update(self, ctx: ClientContext, job: TrainJob, trained: Trained,
-               message: Mapping[str, Tensors]) -> ClientUpdate:
-        ctx.store.put(job.client, HEAD, {k: trained.state[k] for k in self.personal})
-        return super().update(ctx, job, trained, message)
+    def update(self, round: ClientRound, job: TrainJob, trained: Trained) -> ClientUpdate:
+        round.store.put(job.client, HEAD, {k: trained.state[k] for k in self.personal})
+        return super().update(round, job, trained)

@@ -6,15 +6,21 @@ client's sparse copy: that is the model the client holds). mu = 0 is FedAvg, bit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from pydantic import Field
 
-from ray_lips.algorithms.base import Algorithm, ClientContext, Correction, Tensors
+from ray_lips.algorithms.base import Algorithm, AlgorithmOptions, ClientRound, Correction, Tensors
 
 
 class FedProx(Algorithm):
     name = "fedprox"
+    label = "FedProx"
+    order = 10
 
-    def correction(self, ctx: ClientContext, client: int, start: Tensors,
-                   message: Mapping[str, Tensors]) -> Correction | None:
-        mu = self.cfg.fedprox.mu
+    class Options(AlgorithmOptions):
+        mu: float = Field(0.01, ge=0)  # weight of the proximal term (mu / 2) ||w - w_start||^2
+
+    options: Options
+
+    def correction(self, round: ClientRound, client: int, start: Tensors) -> Correction | None:
+        mu = self.options.mu
         return Correction(coef=mu, anchor=start) if mu else None

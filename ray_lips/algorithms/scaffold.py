@@ -16,19 +16,24 @@ the average gradient along the client's path, as option II intends.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import Field
 
 from ray_lips.algorithms.base import (
     MODEL,
     Algorithm,
-    ClientContext,
+    AlgorithmOptions,
+    ClientRound,
     ClientUpdate,
     Correction,
     Tensors,
     Trained,
     TrainJob,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 CONTROL = "control"  # the message and the aggregated part: the global control variate c
 CLIENT_CONTROL = "scaffold.c"  # the client-state slot of c_i
@@ -45,48 +50,59 @@ def momentum_steps(steps: int, momentum: float) -> float:
     return sum((1 - momentum**t) / (1 - momentum) for t in range(1, steps + 1))
 
 
+def _zeros_like(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.zeros_like(tensor)
+
+
 class Scaffold(Algorithm):
     name = "scaffold"
+    label = "SCAFFOLD"
+    order = 20
     client_slots = (CLIENT_CONTROL,)
 
+    class Options(AlgorithmOptions):
+        server_lr: float = Field(1.0, gt=0)  # server step size (1: the clients' average)
+
+    options: Options
+
     def init_server_state(self, global_state: Tensors) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros_like(global_state[name]) for name in self.parameter_names}
+        return {name: _zeros_like(global_state[name]) for name in self.parameter_names}
 
     def server_message(self, server_state: Tensors) -> dict[str, Tensors]:
         return {CONTROL: server_state}
 
-    def _client_control(self, ctx: ClientContext, client: int,
+    def _client_control(self, round: ClientRound, client: int,
                         like: Tensors) -> dict[str, torch.Tensor]:
-        kept = ctx.store.get(client, CLIENT_CONTROL)
-        return dict(kept) if kept is not None else {n: torch.zeros_like(like[n])
+        kept = round.store.get(client, CLIENT_CONTROL)
+        return dict(kept) if kept is not None else {n: _zeros_like(like[n])
                                                     for n in self.parameter_names}
 
-    def correction(self, ctx: ClientContext, client: int, start: Tensors,
-                   message: Mapping[str, Tensors]) -> Correction | None:
-        c = message[CONTROL]
-        c_i = self._client_control(ctx, client, c)
+    def correction(self, round: ClientRound, client: int, start: Tensors) -> Correction | None:
+        c = round.message[CONTROL]
+        c_i = self._client_control(round, client, c)
         return Correction(offset={n: c[n].to(c_i[n].device) - c_i[n]
                                   for n in self.parameter_names})
 
-    def update(self, ctx: ClientContext, job: TrainJob, trained: Trained,
-               message: Mapping[str, Tensors]) -> ClientUpdate:
-        out = super().update(ctx, job, trained, message)
-        c = message[CONTROL]
-        c_i = self._client_control(ctx, job.client, c)
-        scale = 1.0 / (momentum_steps(trained.result.steps, self.cfg.train.momentum)
-                       * self.cfg.train.lr)
+    def update(self, round: ClientRound, job: TrainJob, trained: Trained) -> ClientUpdate:
+        out = super().update(round, job, trained)
+        c = round.message[CONTROL]
+        c_i = self._client_control(round, job.client, c)
+        scale = 1.0 / (momentum_steps(trained.result.steps, self.settings.momentum)
+                       * self.settings.lr)
         new_c_i, delta = {}, {}
         for n in self.parameter_names:
             drift = (job.start[n].to(trained.state[n].device) - trained.state[n]) * scale
             new_c_i[n] = c_i[n] - c[n].to(c_i[n].device) + drift
             delta[n] = new_c_i[n] - c_i[n]
-        ctx.store.put(job.client, CLIENT_CONTROL, new_c_i)
-        out.parts[CONTROL] = (delta, ctx.samples(job.client) / ctx.population_weight)
+        round.store.put(job.client, CLIENT_CONTROL, new_c_i)
+        out.parts[CONTROL] = (delta, round.samples(job.client) / round.population_weight)
         return out
 
     def aggregate(self, global_state: Tensors, averages: Mapping[str, Tensors],
                   server_state: Tensors) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        average, step = averages[MODEL], self.cfg.scaffold.server_lr
+        average, step = averages[MODEL], self.options.server_lr
         new_state = dict(global_state)
         for name, value in average.items():
             x = global_state[name]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ray_lips.algorithms import registry
 from ray_lips.cluster.jobpaths import durable_path
 from ray_lips.config import (
     ConfigError,
@@ -55,9 +56,12 @@ def _load(config: str, overrides: tuple[str, ...]) -> ExperimentConfig:
 
 
 def _variant(base: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """``base`` with more keys set: validated, not checked again (``base`` was)."""
+    """``base`` with more keys set: validated, not checked again (``base`` was) but for an
+    algorithm of the user's it names."""
+    from ray_lips.config.checks import check_algorithm
+
     try:
-        return validate_config(apply_overrides(base.to_dict(), overrides))
+        return check_algorithm(validate_config(apply_overrides(base.to_dict(), overrides)))
     except ConfigError as err:
         _fail(str(err))
         raise  # unreachable
@@ -264,7 +268,7 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
 
 
 def _label(cfg: ExperimentConfig) -> str:
-    return cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
+    return cfg.method
 
 
 def _fmt(value: float) -> str:
@@ -323,14 +327,19 @@ def _baseline_of(method: str) -> str:
     return method if handout == "dense" else algorithm
 
 
+ALGORITHMS_HELP = (
+    "Comma-separated methods to run side by side: an algorithm ("
+    + ", ".join(registry.names()) + ", or your own as package.module:Class), ALGORITHM+lips "
+    "for it with the LIPS hand-out (" + ", ".join(registry.composable_with_lips())
+    + "), or lips (= fedavg+lips).")
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--algorithms", "methods", default="fedavg,lips", show_default=True,
-              help="Comma-separated methods to run side by side: an algorithm (fedavg, "
-                   "fedprox, scaffold, fedper, ditto, local), ALGORITHM+lips for it with the "
-                   "LIPS hand-out, or lips (= fedavg+lips).")
+              help=ALGORITHMS_HELP)
 def compare(config: str, overrides: tuple[str, ...], address: str | None,
             methods: str) -> None:
     """Run CONFIG once per method (same seed, same data) and compare them: as many at a time

@@ -1,5 +1,6 @@
 """Checks made on the user's machine before any Ray work, once per command, on a config the
-schema has validated: a dataset or model of the user's (imported, or found and fingerprinted),
+schema has validated: a dataset, model or algorithm of the user's (imported, or found and
+fingerprinted; an algorithm's section validated by its class),
 what the dataset's sizes allow, files a run will need (and the values and images in a dataset of
 the user's), folders it will write, and data requests that will be met by reusing samples.
 
@@ -31,13 +32,15 @@ _CIFAR_FILES = {
 
 def check_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The checks of ``cfg`` that read files or import the user's code; returns ``cfg`` with a
-    file or folder dataset resolved (absolute path, ``data.source`` recorded or verified)."""
+    file or folder dataset resolved (absolute path, ``data.source`` recorded or verified) and an
+    algorithm of the user's section written out whole (every key, defaults included)."""
     try:
         cfg = _resolve_dataset(cfg)
         if cfg.model not in MODELS:
             from ray_lips.data.userimport import import_object
 
             import_object(cfg.model, "model")
+        cfg = check_algorithm(cfg)
         _check_sizes(cfg)
     except ConfigError as err:
         raise ConfigError(f"invalid config: {err}") from None
@@ -56,6 +59,32 @@ def _resolve_dataset(cfg: ExperimentConfig) -> ExperimentConfig:
     source = byo.source_record(dataset, given)
     return cfg.model_copy(update={"data": DataConfig.model_validate(
         {**data.model_dump(), "dataset": dataset, "source": source})})
+
+
+def check_algorithm(cfg: ExperimentConfig) -> ExperimentConfig:
+    """An algorithm named by import path: it imports, is an ``Algorithm``, composes with the
+    hand-out asked for, and its section (under its class's ``name``) is valid; returns ``cfg``
+    with that section whole. A ``ConfigError`` naming the key otherwise."""
+    if not is_import_path(cfg.algorithm):
+        return cfg
+    from ray_lips.algorithms.registry import algorithm_class, options_of
+
+    cls = algorithm_class(cfg.algorithm)
+    if cls.name in ExperimentConfig.model_fields or cls.name == "lips":
+        raise ConfigError(f"algorithm: {cfg.algorithm!r} is named {cls.name!r}, which a key of "
+                          "the config already has; give the class another name")
+    given = dict(cfg.model_extra or {})
+    section = given.pop(cls.name, None)
+    if given:
+        raise ConfigError("; ".join(f"{key}: unknown key (the section of {cfg.algorithm!r} "
+                                    f"is {cls.name!r})" for key in given))
+    if cfg.handout == "lips" and not cls.sparse_handout:
+        raise ConfigError(f"handout: 'lips' cannot be combined with algorithm: "
+                          f"{cfg.algorithm!r} (its class says sparse_handout = False); use "
+                          "handout: dense")
+    options = options_of(cls, section)
+    tree = {key: value for key, value in cfg.to_dict().items() if key not in cfg.model_extra}
+    return ExperimentConfig.model_validate({**tree, cls.name: options.model_dump(mode="json")})
 
 
 def _check_sizes(cfg: ExperimentConfig) -> None:
@@ -169,11 +198,12 @@ def sample_reuse_warning(cfg: ExperimentConfig) -> str | None:
 
 
 def check_user_modules(cfg: ExperimentConfig) -> None:
-    """A dataset or model named by an import path must be importable by Ray's workers, which
-    do not look in the folder the command runs in."""
+    """A dataset, model or algorithm named by an import path must be importable by Ray's
+    workers, which do not look in the folder the command runs in."""
     from ray_lips.data.userimport import found_without_working_directory
 
-    for key, path in (("data.dataset", cfg.data.dataset), ("model", cfg.model)):
+    for key, path in (("data.dataset", cfg.data.dataset), ("model", cfg.model),
+                      ("algorithm", cfg.algorithm)):
         if is_import_path(path) and not found_without_working_directory(path):
             raise ConfigError(
                 f"{key}: {path!r} imports only from the current folder, where Ray's workers do "

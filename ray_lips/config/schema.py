@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from ray_lips.algorithms import registry
 
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "digits", "mnist1d", "synthetic")
 MODELS = (
@@ -108,23 +118,6 @@ class LipsConfig(_Strict):
     scorer: Literal["sensitivity", "magnitude", "gradient", "random"] = "sensitivity"
 
 
-class FedProxConfig(_Strict):
-    mu: float = Field(0.01, ge=0)  # weight of the proximal term (mu / 2) ||w - w_start||^2
-
-
-class ScaffoldConfig(_Strict):
-    server_lr: float = Field(1.0, gt=0)  # server step size (1: the clients' average)
-
-
-class FedPerConfig(_Strict):
-    personal_layers: int = Field(1, ge=1)  # trailing parameter-owning layers kept local
-
-
-class DittoConfig(_Strict):
-    lam: float = Field(0.1, ge=0)  # weight of the personal objective's (lam / 2) ||v - w||^2
-    personal_epochs: int | None = Field(None, ge=1)  # default: train.local_epochs
-
-
 class ResourcesConfig(_Strict):
     pools: int = Field(2, ge=1)
     cpus_per_pool: float = Field(1, gt=0)
@@ -147,26 +140,57 @@ class ResourcesConfig(_Strict):
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 
-# The algorithms of ray_lips.algorithms, and those whose clients may be handed LIPS's sparse
-# model (each class's ``sparse_handout``; a test keeps the two in step). Named here so that a
-# config is checked without importing torch.
-AlgorithmName = Literal["fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"]
-SPARSE_HANDOUT_ALGORITHMS = frozenset({"fedavg", "fedprox", "scaffold"})
+
+def _either(names: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-class ExperimentConfig(_Strict):
+def _own_section(tree: dict[str, Any]) -> None:
+    """The keys beside the schema's of a config whose algorithm is the user's: at most one,
+    its section (a mapping), named after the class; which name it must have is known only
+    once the class is imported (``check_config``)."""
+    extra = [key for key in tree if key not in ExperimentConfig.model_fields]
+    if len(extra) > 1:
+        raise ValueError(f"{', '.join(map(str, extra))}: unknown keys (an algorithm of your own "
+                         "has one section, under its name)")
+    for key in extra:
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise ValueError(f"{key}: unknown key")
+        if tree[key] is not None and not isinstance(tree[key], dict):
+            raise ValueError(f"{key}: expected a section of keys (your algorithm's), got "
+                             f"{tree[key]!r}")
+
+
+class _RunKeys(_Strict):
+    """The keys before the algorithms' sections, in the order a config file lists them."""
+
     name: str = "experiment"
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     model: str = "smallcnn"  # a name of MODELS, or an import path "package.module:builder"
     train: TrainConfig = TrainConfig()
-    algorithm: AlgorithmName = "fedavg"
+    # a built-in algorithm's name (ray_lips.algorithms.registry), or an import path
+    # "package.module:Class" to one of the user's (imported by config.checks.check_config)
+    algorithm: str = "fedavg"
     handout: Literal["dense", "lips"] = "dense"
     lips: LipsConfig = LipsConfig()
-    fedprox: FedProxConfig = FedProxConfig()
-    scaffold: ScaffoldConfig = ScaffoldConfig()
-    fedper: FedPerConfig = FedPerConfig()
-    ditto: DittoConfig = DittoConfig()
+
+
+# One section per built-in algorithm with options, its keys and defaults its class's Options.
+_AlgorithmSections = create_model(
+    "_AlgorithmSections", __base__=_RunKeys,
+    **{name: (options, Field(default_factory=options))
+       for name, options in registry.sections().items()})
+
+
+class ExperimentConfig(_AlgorithmSections):  # type: ignore[misc,valid-type]
+    """A run's configuration. An algorithm of the user's (``algorithm`` an import path) has its
+    section under its class's ``name``, kept here as given (``model_extra``) and validated by
+    that class's Options in :func:`ray_lips.config.checks.check_config`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     resources: ResourcesConfig = ResourcesConfig()
     output: str = "runs"
 
@@ -174,16 +198,34 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _shorthand(cls, tree: Any) -> Any:
         """``algorithm: lips`` (and a config naming neither key, as before hand-outs were
-        separate) is FedAvg with the LIPS hand-out."""
+        separate) is FedAvg with the LIPS hand-out; keys of no section are refused, but the
+        one section of an algorithm of the user's."""
         if not isinstance(tree, dict):
             return tree
         algorithm, handout = tree.get("algorithm"), tree.get("handout")
+        if isinstance(algorithm, str) and is_import_path(algorithm):
+            _own_section(tree)
+        else:
+            unknown = [str(key) for key in tree if key not in cls.model_fields]
+            if unknown:
+                raise ValueError("; ".join(f"{key}: unknown key" for key in unknown))
         if algorithm == "lips" or (algorithm is None and handout is None):
             if handout not in (None, "lips"):
                 raise ValueError(f"algorithm: 'lips' is FedAvg with the LIPS hand-out, but "
                                  f"handout is {handout!r}; use algorithm: fedavg")
             return {**tree, "algorithm": "fedavg", "handout": "lips"}
         return tree
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_name(cls, value: str) -> str:
+        """A built-in name or an import path; whether the path imports is a check
+        (:func:`ray_lips.config.checks.check_config`), not part of the schema."""
+        if value not in registry.builtin() and not is_import_path(value):
+            raise ValueError(f"unknown algorithm {value!r}; choose one of "
+                             f"{', '.join(registry.names())} (lips: fedavg with handout: "
+                             "lips), or give an import path package.module:Class")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -205,17 +247,43 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        if self.handout == "lips" and self.algorithm not in SPARSE_HANDOUT_ALGORITHMS:
+        builtin = registry.builtin().get(self.algorithm)
+        if self.handout == "lips" and builtin is not None and not builtin.sparse_handout:
             raise ValueError(
                 f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
-                "sparsifies a global model each client is handed; use fedavg, fedprox or "
-                "scaffold, or handout: dense)")
+                "sparsifies a global model each client is handed; use "
+                f"{_either(registry.composable_with_lips())}, or handout: dense)")
         if self.resources.pools > self.data.clients:
             raise ValueError(
                 f"resources.pools: {self.resources.pools} pools for {self.data.clients} "
                 "clients; a pool must host at least one client"
             )
         return self
+
+    @property
+    def algorithm_name(self) -> str:
+        """The algorithm's name: a built-in's, or for an import path its section's key (which
+        :func:`~ray_lips.config.checks.check_config` always writes; before it, the class's
+        name in lower case)."""
+        if self.algorithm in registry.builtin():
+            return self.algorithm
+        extra = list(self.model_extra or {})
+        return extra[0] if extra else self.algorithm.rpartition(":")[2].rpartition(".")[2].lower()
+
+    @property
+    def algorithm_section(self) -> Any:
+        """The algorithm's config section as given: validated options for a built-in, the raw
+        mapping (or None) for an algorithm of the user's."""
+        name = self.algorithm_name
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        return (self.model_extra or {}).get(name)
+
+    @property
+    def method(self) -> str:
+        """How run folders and summaries name the run: ``fedprox``, ``fedavg+lips``."""
+        name = self.algorithm_name
+        return name if self.handout == "dense" else f"{name}+{self.handout}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -250,9 +318,15 @@ def set_keys(tree: dict[str, Any], overrides: dict[str, Any]) -> None:
     """Set dotted keys in place. Setting ``algorithm`` without ``handout`` also resets the
     hand-out to what that algorithm value alone means (``lips``: the LIPS hand-out; any other
     algorithm: dense), so a sweep variant or ``--set algorithm=fedavg`` on a LIPS config is
-    plain FedAvg, whatever hand-out the base names."""
+    plain FedAvg, whatever hand-out the base names. Setting a built-in ``algorithm`` drops the
+    section of an algorithm of the user's the tree had."""
     if "algorithm" in overrides and "handout" not in overrides:
         tree.pop("handout", None)
+    algorithm = overrides.get("algorithm")
+    if isinstance(algorithm, str) and not is_import_path(algorithm):
+        for key in [k for k in tree if k not in ExperimentConfig.model_fields]:
+            if not any(o == key or o.startswith(f"{key}.") for o in overrides):
+                del tree[key]
     for key, value in overrides.items():
         set_key(tree, key, value)
 
@@ -299,26 +373,32 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
     set_keys(tree, parsed)
     if drops_lips and notes is not None:
         algorithm = parsed["algorithm"]
-        keep = (f"; add --set handout=lips to keep LIPS ({algorithm}+lips)"
-                if algorithm in SPARSE_HANDOUT_ALGORITHMS else
-                f" ({algorithm} does not compose with LIPS)")
+        builtin = registry.builtin().get(algorithm)
+        keep = (f" ({algorithm} does not compose with LIPS)"
+                if builtin is not None and not builtin.sparse_handout else
+                f"; add --set handout=lips to keep LIPS ({algorithm}+lips)")
         notes.append(f"--set algorithm={algorithm}: the config's LIPS hand-out is dropped, "
                      f"this run is dense {algorithm}{keep}")
     return tree
 
 
-def _format_error(err: ValidationError) -> str:
+def error_lines(err: ValidationError, prefix: str = "") -> list[str]:
+    """Each of pydantic's errors as ``key: what is wrong``, keys after ``prefix``."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = prefix + ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "literal_error":
             msg = f"got {e.get('input')!r}; {msg.lower()}"
         msg = msg.removeprefix("Value error, ")
-        lines.append(f"{key}: {msg}" if key else msg)
-    return "invalid config: " + "; ".join(lines)
+        lines.append(f"{key}: {msg}" if key.strip(".") else msg)
+    return lines
+
+
+def _format_error(err: ValidationError) -> str:
+    return "invalid config: " + "; ".join(error_lines(err))
 
 
 def validate_config(tree: dict[str, Any]) -> ExperimentConfig:

@@ -2,8 +2,9 @@
 
 Plain Python; ``ray.remote(ClientPool)`` makes it an actor. The driver calls it through typed
 requests (:mod:`ray_lips.pools.messages`). What happens to a client in a round is the
-algorithm's (:mod:`ray_lips.algorithms`); the pool offers it the trainer, the client's data and
-the state it kept (a :class:`ClientStore`), sums what the clients return on the exact
+algorithm's (:mod:`ray_lips.algorithms`); the pool offers it a
+:class:`~ray_lips.algorithms.base.ClientRound` (the round's message and weights, the trainer, the
+clients' store, their hand-outs and sample counts), sums what the clients return on the exact
 fixed-point grid, and builds each client's hand-out from the one global model it holds.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from ray_lips.algorithms import build_algorithm, build_handout
-from ray_lips.algorithms.base import Tensors
+from ray_lips.algorithms.base import ClientRound, ClientView, Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.core.run_folder import open_new
@@ -92,11 +93,7 @@ def pool_threads(resources: ResourcesConfig) -> int:
 
 
 def local_settings(cfg: ExperimentConfig, epochs: int | None = None) -> LocalSettings:
-    t = cfg.train
-    return LocalSettings(epochs=t.local_epochs if epochs is None else epochs,
-                         batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
-                         weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                         precision=t.precision)
+    return LocalSettings.of(cfg.train, epochs)
 
 
 GPU_BATCH_CLIENTS = 32  # cap of a batched group on CUDA when train.batch_clients is "auto"
@@ -167,11 +164,9 @@ class ClientPool:
         self.eligible = eligible_parameter_names(self.model)
         self.algorithm = build_algorithm(cfg, self.model)
         self.handout_step = build_handout(cfg, self.eligible)
-        self.remember = self.handout_step.remember
         self.store = ClientStore(int(cfg.resources.client_state_mb * 2**20),
                                  cfg.resources.spill_dir)
         self.global_state: dict[str, torch.Tensor] = {}
-        self.total_weight = self.population_weight = 0
         self.stopwatch = Stopwatch()
         self.batched = wants_batched(cfg, self.model)
         self.group_size = batch_clients(cfg, self.device) if self.batched else 1
@@ -182,13 +177,26 @@ class ClientPool:
                                      self.group_size, self.stopwatch)
                         if self.batched else self.serial)
 
-    # ----- what the algorithm's client side sees (ray_lips.algorithms.base.ClientContext) --
+    # ----- what the algorithm's client side sees --------------------------------------------
     def handed(self, client: int) -> Tensors:
         """The global model as handed to ``client`` after the latest aggregation."""
         return self.handout_step.handed(self.global_state, client, self.store)
 
     def samples(self, client: int) -> int:
         return int(self.sizes[client][0])
+
+    def view(self) -> ClientView:
+        """The hosted clients as the algorithm may read them between rounds."""
+        return ClientView(self.store, self.global_state, self.handed)
+
+    def client_round(self, request: TrainRequest, message: dict[str, Tensors]) -> ClientRound:
+        """What round ``request.round_idx`` offers the algorithm's client side here."""
+        return ClientRound(
+            store=self.store, global_state=self.global_state, handed=self.handed,
+            round_idx=request.round_idx, message=message, trainer=self.trainer,
+            samples=self.samples, total_weight=request.total_weight,
+            population_weight=request.population_weight, evaluate=request.evaluate,
+            remember=tuple(self.handout_step.remember or ()))
 
     # ----- the driver's calls ---------------------------------------------------------------
     def clients(self) -> list[int]:
@@ -214,14 +222,12 @@ class ClientPool:
 
     def train_round(self, request: TrainRequest, message: dict[str, Tensors]) -> TrainReply:
         """Train the participants hosted here; return their weighted fixed-point sums."""
-        self.total_weight = request.total_weight
-        self.population_weight = request.population_weight
+        this_round = self.client_round(request, message)
         sums: dict[str, FixedSum] = {}
         rows: dict[int, dict[str, Any]] = {}
         kept: dict[int, dict[str, torch.Tensor]] = {}
         for members in self.plan_groups(request.participants):
-            for update in self.algorithm.train(self, members, request.round_idx, message,
-                                               request.evaluate):
+            for update in self.algorithm.train(this_round, members):
                 client = update.client
                 if not math.isfinite(update.loss):
                     raise DivergenceError(f"client {client} diverged in round "
@@ -250,10 +256,11 @@ class ClientPool:
         if eval_test and has_global and self.test_split is not None:
             reply.acc_test = self.serial.accuracy_on(self.global_state, *self.test_split)
         rows: dict[int, dict[str, Any]] = {}
+        view = self.view()
         for members in self.plan_groups(eval_clients):
             acc_global = (self.trainer.accuracy(members, [self.global_state] * len(members))
                           if has_global else [math.nan] * len(members))
-            held = [self.algorithm.held_state(self, c) for c in members]
+            held = [self.algorithm.held_state(view, c) for c in members]
             acc_after = list(acc_global)
             own = [k for k, state in enumerate(held)
                    if not (has_global and state is self.global_state)]
@@ -272,6 +279,7 @@ class ClientPool:
         settings = local_settings(self.cfg, epochs=epochs)
         has_global = self.algorithm.has_global_model
         self.serial.model_changed()  # the loop below loads and trains the shared model
+        view = self.view()
         rows = []
         for client in self.clients():
             shard = self.shards[client]
@@ -280,7 +288,7 @@ class ClientPool:
             if has_global:
                 self.model.load_state_dict(self.global_state)
                 row["acc_global"] = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
-            self.model.load_state_dict(self.algorithm.held_state(self, client))
+            self.model.load_state_dict(self.algorithm.held_state(view, client))
             row["acc_final"] = accuracy(self.model, shard.x_test, shard.y_test, self.norm)
             if epochs > 0:
                 batch_gen, augment_gen = stream_generators(self.cfg.seed, "finetune", client, 0)

@@ -13,7 +13,9 @@ augmentation
 Client k's numbers do not depend on which clients share its group or on its slot in it, only
 on the group size, which the pool fixes from the config (see
 ``ray_lips.pools.client_pool.batch_clients``); ``_SlotwiseSGD`` and ``GroupedLinear`` exist for
-that. Image groups run channels-last.
+that. Image groups run channels-last (NHWC) unless told otherwise: on CPU (oneDNN) it was faster
+than NCHW for every measured model, dense (groups of one) and grouped alike (see
+benchmarks/README.md); on CUDA it is the layout cuDNN's grouped and tensor-core kernels prefer.
 
 Where it pays: on a GPU, where one client's step is far too small to fill the device. On CPU,
 oneDNN's grouped convolutions cost more per client than dense ones, so a pool there uses groups
@@ -66,16 +68,6 @@ def supports(model: nn.Module) -> bool:
         elif type(module) is not nn.Linear and not isinstance(module, _CHANNEL_LOCAL):
             return False
     return True
-
-
-def default_channels_last(device: torch.device) -> bool:
-    """Whether image groups run channels-last (NHWC) by default on ``device``.
-
-    On CPU (oneDNN) channels-last convolutions were faster than NCHW ones for every measured
-    model, dense (groups of one) and grouped alike (see benchmarks/README.md). On CUDA it is the
-    layout cuDNN's grouped and tensor-core kernels prefer (not measured: no GPU was available).
-    """
-    return device.type in ("cpu", "cuda")
 
 
 def _round_up(value: int, multiple: int = 16) -> int:
@@ -156,12 +148,11 @@ class ClientGroup:
     reads back client k's state dict (same names, shapes and dtypes as ``model.state_dict()``).
     """
 
-    def __init__(self, model: nn.Module, clients: int, channels_last: bool | None = None):
+    def __init__(self, model: nn.Module, clients: int, channels_last: bool = True):
         self.clients = clients
         self.wide = widen(model, clients)
         self.device = next(self.wide.parameters()).device
-        self.channels_last = (default_channels_last(self.device) if channels_last is None
-                              else channels_last)
+        self.channels_last = channels_last
         for module in self.wide.modules():
             if isinstance(module, _BN):
                 module.num_batches_tracked.zero_()  # unused (momentum is set); counted per client

@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ray_lips.data.augment import Normalisation, prepare_batch
+from ray_lips.training.spec import Correction, LocalResult, LocalSettings
 
-
-@dataclass(frozen=True)
-class LocalSettings:
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    grad_clip: float | None = None
-    precision: str = "fp32"
-
-
-@dataclass(frozen=True)
-class Correction:
-    """A term added to each parameter's loss gradient during local training, before clipping
-    and the optimiser step: ``coef * (w - anchor[name]) + offset[name]``.
-
-    FedProx's proximal term (``coef`` = mu, ``anchor`` = the start model), SCAFFOLD's control
-    variate correction (``offset`` = c - c_i) and Ditto's personal objective are all of this
-    form, so one mechanism serves both training paths. Names missing from ``anchor`` or
-    ``offset`` get no term from them.
-    """
-
-    coef: float = 0.0
-    anchor: Mapping[str, torch.Tensor] | None = None
-    offset: Mapping[str, torch.Tensor] | None = None
-
-    @property
-    def is_zero(self) -> bool:
-        return (self.coef == 0.0 or self.anchor is None) and self.offset is None
+__all__ = ["Correction", "LocalResult", "LocalSettings", "Normalisation", "accuracy",
+           "correct_gradients", "local_train", "precision_autocast", "recalibrate_batchnorm"]
 
 
 def correct_gradients(params: Mapping[str, torch.Tensor], correction: Correction) -> None:
@@ -53,13 +25,6 @@ def correct_gradients(params: Mapping[str, torch.Tensor], correction: Correction
                 param.grad.add_(torch.sub(param, anchor).mul_(correction.coef))
             if correction.offset is not None and name in correction.offset:
                 param.grad.add_(correction.offset[name].to(param.device, param.dtype))
-
-
-@dataclass
-class LocalResult:
-    loss: float                                # mean training loss over all local steps
-    steps: int
-    last_grads: dict[str, torch.Tensor] | None  # fp16 gradients of the last mini-batch
 
 
 def precision_autocast(device: torch.device, precision: str):

@@ -1,12 +1,15 @@
 """Local training of a pool's clients: one at a time (``SerialTrainer``) or as batched groups
 (``GroupTrainer``, see :mod:`ray_lips.training.batched`). Both train a list of jobs with the same
-per-client randomness, so an algorithm never knows which one runs it."""
+per-client randomness, so an algorithm never knows which one runs it. What a job asks beyond the
+run's local training (a random stream, other epochs, gradients to remember) is on the job
+(:class:`~ray_lips.algorithms.base.TrainJob`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -17,8 +20,9 @@ from ray_lips.pools.payload import ClientShard
 from ray_lips.training.batched import ClientGroup
 from ray_lips.training.local import LocalSettings, Normalisation, accuracy, local_train
 
-# Random streams of local training: (batch order, augmentation) purposes per stream.
-STREAMS = {"local": ("batches", "augment"), "personal": ("personal_batches", "personal_augment")}
+# The random streams of local training: (batch order, augmentation) purposes per stream.
+STREAM_PURPOSES = {"local": ("batches", "augment"),
+                   "personal": ("personal_batches", "personal_augment")}
 
 
 def stream_generators(seed: int, stream: str, client: int,
@@ -28,7 +32,10 @@ def stream_generators(seed: int, stream: str, client: int,
     if stream == "finetune":
         return (torch_generator(seed, "finetune", client, 0),
                 torch_generator(seed, "finetune", client, 1))
-    batches, augment = STREAMS[stream]
+    if stream not in STREAM_PURPOSES:
+        raise ValueError(f"no random stream {stream!r}; a job trains with one of "
+                         f"{', '.join(STREAM_PURPOSES)}")
+    batches, augment = STREAM_PURPOSES[stream]
     return (torch_generator(seed, batches, client, round_idx),
             torch_generator(seed, augment, client, round_idx))
 
@@ -72,20 +79,20 @@ class SerialTrainer:
         """Someone else loaded or trained the shared model: load the next state afresh."""
         self._loaded = None
 
-    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
-              remember: list[str] | None = None, evaluate: bool = False,
-              epochs: int | None = None) -> list[Trained]:
-        settings = self.settings if epochs is None else _with_epochs(self.settings, epochs)
+    def train(self, jobs: list[TrainJob], round_idx: int,
+              evaluate: bool = False) -> list[Trained]:
         out = []
         for job in jobs:
             shard = self.shards[job.client]
             self._load(job.start)
             self.model_changed()  # training changes the model
-            batch_gen, augment_gen = stream_generators(self.seed, stream, job.client, round_idx)
+            batch_gen, augment_gen = stream_generators(self.seed, job.stream, job.client,
+                                                       round_idx)
             with self.timed("train"):
-                result = local_train(self.model, shard.x_train, shard.y_train, settings,
-                                     self.norm, batch_gen=batch_gen, augment_gen=augment_gen,
-                                     remember=remember, correction=job.correction)
+                result = local_train(self.model, shard.x_train, shard.y_train,
+                                     _settings(self.settings, job), self.norm,
+                                     batch_gen=batch_gen, augment_gen=augment_gen,
+                                     remember=list(job.remember), correction=job.correction)
             acc = None
             if evaluate:
                 with self.timed("evaluate"):
@@ -130,20 +137,25 @@ class GroupTrainer:
             raise ValueError(f"a group holds 1 to {self.group_size} clients, got {len(items)}")
         return items + items[:1] * (self.group_size - len(items))
 
-    def train(self, jobs: list[TrainJob], round_idx: int, stream: str = "local",
-              remember: list[str] | None = None, evaluate: bool = False,
-              epochs: int | None = None) -> list[Trained]:
-        settings = self.settings if epochs is None else _with_epochs(self.settings, epochs)
+    def train(self, jobs: list[TrainJob], round_idx: int,
+              evaluate: bool = False) -> list[Trained]:
         slots = self._padded(jobs)
+        first = jobs[0]
+        if any((j.stream, j.epochs, j.remember) != (first.stream, first.epochs, first.remember)
+               for j in jobs):
+            raise ValueError("the jobs of a batched group need one stream, epochs and "
+                             "remembered parameters")
         shards = [self.shards[j.client] for j in slots]
         group = self.group
         group.load([j.start for j in slots])
-        gens = [stream_generators(self.seed, stream, j.client, round_idx) for j in slots]
+        gens = [stream_generators(self.seed, j.stream, j.client, round_idx) for j in slots]
         with self.timed("train"):
             results = group.train(torch.stack([s.x_train for s in shards]),
-                                  torch.stack([s.y_train for s in shards]), settings, self.norm,
+                                  torch.stack([s.y_train for s in shards]),
+                                  _settings(self.settings, first), self.norm,
                                   batch_gens=[g[0] for g in gens],
-                                  augment_gens=[g[1] for g in gens], remember=remember,
+                                  augment_gens=[g[1] for g in gens],
+                                  remember=list(first.remember),
                                   corrections=[j.correction for j in slots])
         accs: list[float | None] = [None] * len(slots)
         if evaluate:
@@ -163,7 +175,6 @@ class GroupTrainer:
         return self._group_accuracy(shards)[:len(clients)]
 
 
-def _with_epochs(settings: LocalSettings, epochs: int) -> LocalSettings:
-    from dataclasses import replace
-
-    return replace(settings, epochs=epochs)
+def _settings(settings: LocalSettings, job: TrainJob) -> LocalSettings:
+    """The run's local-training settings with the job's own epochs, if it asks for others."""
+    return settings if job.epochs is None else replace(settings, epochs=job.epochs)

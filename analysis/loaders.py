@@ -44,11 +44,11 @@ import pandas as pd
 import yaml
 
 from analysis.methods import ALGORITHMS, LIPS_SECTION, fmt_value, method_of, varying_knobs
-from ray_lips.core.run_folder import CONFIG_FILE, STATUS_FILE  # the run folder's names, as written
+from ray_lips.core.run_folder import CONFIG_FILE, STATUS_FILE, TABLE_FILES  # names as written
 
 TUNE_PARAMS = "params.json"
 TUNE_ERROR = "error.txt"
-TABLES = ("rounds", "layers", "clients")
+TABLES = tuple(TABLE_FILES)  # rounds, layers, clients
 METRICS = ("acc_global", "acc_after", "acc_before", "acc_test")
 
 # Config keys that never make two runs different experiments (bookkeeping, placement, seed,
@@ -203,7 +203,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
 
 
 def _read_table(path: Path, name: str) -> tuple[pd.DataFrame, str | None]:
-    file = path / f"{name}.parquet"
+    file = path / TABLE_FILES[name]
     if not file.is_file():
         return pd.DataFrame(), None
     try:
@@ -288,7 +288,7 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
         "updated": pd.Timestamp(updated, unit="s") if updated else pd.NaT,
         "has_config": (path / CONFIG_FILE).is_file(), "has_rounds": not rounds.empty,
         "has_clients": not frames["clients"].empty,
-        "has_layers": (path / "layers.parquet").is_file(),
+        "has_layers": (path / TABLE_FILES["layers"]).is_file(),
     }
     return row, frames
 

@@ -228,11 +228,24 @@ def tree_memory_mb(root: int) -> tuple[float, float, int]:
     return rss / 1024, pss / 1024, count
 
 
+def first_round_done(out_dir: Path) -> bool:
+    """Whether a run folder below ``out_dir`` says (``status.json``, rewritten every round)
+    that its first round is done."""
+    for status in out_dir.glob("*/status.json"):
+        try:
+            if int(json.loads(status.read_text()).get("round", 0)) >= 1:
+                return True
+        except (OSError, ValueError):  # replaced as it was read: the next look sees it
+            continue
+    return False
+
+
 def watch(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float,
-          first_file: tuple[Path, str] | None = None) -> tuple[str, dict[str, float]]:
-    """Run ``cmd``; sample its process tree's memory; when ``first_file`` (a folder and a glob
-    pattern) is given, note when a matching file first appears. Returns stdout and the
-    readings (``launched`` is a wall-clock time)."""
+          first_round: Path | None = None) -> tuple[str, dict[str, float]]:
+    """Run ``cmd``; sample its process tree's memory; when ``first_round`` (a folder of run
+    folders) is given, note when a run there first says its first round is done
+    (``first_file_at``). Returns stdout and the readings (``launched`` is a wall-clock
+    time)."""
     readings = {"rss_mb": 0.0, "pss_mb": 0.0, "processes": 0}
     launched = time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
@@ -248,8 +261,8 @@ def watch(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float,
         readings["rss_mb"] = max(readings["rss_mb"], rss)
         readings["pss_mb"] = max(readings["pss_mb"], pss)
         readings["processes"] = max(readings["processes"], count)
-        if first_file is not None and "first_file_at" not in readings:
-            if any(first_file[0].glob(first_file[1])):
+        if first_round is not None and "first_file_at" not in readings:
+            if first_round_done(first_round):
                 readings["first_file_at"] = time.time()
         if time.time() > deadline:
             proc.kill()
@@ -276,7 +289,7 @@ def measure_one(mode: str, config: dict[str, Any], workload: Path, scratch: Path
     env = dict(os.environ, PYTHONPATH=str(ROOT), FLWR_TELEMETRY_ENABLED="0")
     job = {"mode": mode, "workload": str(workload), "final_state": str(final_state),
            "config": config, "cpus": cpus}
-    first_file = None
+    first_round = None
     if mode.startswith("flower"):
         python = FLOWER_VENV / "bin" / "python"
         job["client_cpus"] = 1 if mode == "flower-1cpu" else 2
@@ -288,10 +301,10 @@ def measure_one(mode: str, config: dict[str, Any], workload: Path, scratch: Path
         config_path = scratch / "cli.yaml"
         config_path.write_text(json.dumps(dict(config, output=str(out_dir))))  # JSON is YAML
         cmd = [str(Path(sys.executable).with_name("ray-lips")), "run", str(config_path)]
-        first_file = (out_dir, "*/rounds.parquet")
+        first_round = out_dir
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    stdout, readings = watch(cmd, env, ROOT, timeout, first_file)
+    stdout, readings = watch(cmd, env, ROOT, timeout, first_round)
     result = result_of(stdout)
     if mode == "ray-lips-cli":
         import pandas as pd

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     wait_for_quiet,
 )
 
+from ray_lips.pools.in_process import pool_stats  # noqa: E402
 from ray_lips.pools.memory import peak_rss_mb  # noqa: E402
 
 MODES = [  # (label, pools, batched, group): group None = the default for the device
@@ -142,11 +143,11 @@ def ray_worker(job: dict[str, Any]) -> dict[str, Any]:
             run.run_round()  # warm-up (also evaluates)
             rounds = []  # (seconds, the slowest pool's seconds in local training)
             for _ in range(job["rounds"]):
-                before = run.pools.stats()
+                before = pool_stats(run.pools)
                 started = time.perf_counter()
                 run.run_round()
                 seconds = time.perf_counter() - started
-                after = run.pools.stats()
+                after = pool_stats(run.pools)
                 rounds.append((seconds, max(a["train_s"] - b["train_s"]
                                             for a, b in zip(after, before, strict=True))))
         finally:

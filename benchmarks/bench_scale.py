@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import emit, load, markdown_table, run_worker, start_ray  # noqa: E402
 
+from ray_lips.pools.in_process import pool_stats  # noqa: E402
 from ray_lips.pools.memory import current_rss_mb as rss_mb  # noqa: E402
 from ray_lips.pools.memory import peak_rss_mb  # noqa: E402
 
@@ -72,13 +73,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         out["driver_rss_after_setup"] = rss_mb()
         try:
             seconds, pool_rss, evaluate, overhead = [], [], [], []
-            before = run.pools.stats()
+            before = pool_stats(run.pools)
             while not run.done:
                 started = time.perf_counter()
                 row = run.run_round()
                 seconds.append(time.perf_counter() - started)
                 assert row["participants"] == PARTICIPANTS
-                after = run.pools.stats()
+                after = pool_stats(run.pools)
                 pool_rss.append(max(s["rss_mb"] for s in after))
                 pairs = list(zip(after, before, strict=True))
                 evaluate.append(max(a["evaluate_s"] - b["evaluate_s"] for a, b in pairs))
@@ -90,7 +91,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                 started = time.perf_counter()
                 run.finish()
                 out["finish_s"] = time.perf_counter() - started
-            stats = run.pools.stats()
+            stats = pool_stats(run.pools)
         finally:
             run.close()
     out.update(seconds=seconds, pool_rss=pool_rss, overhead=overhead, evaluate=evaluate,

@@ -154,7 +154,7 @@ def test_more_gpus_than_the_cluster_has_are_refused_before_training(gpu_head, tm
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(_tiny(tiny_config, tmp_path)))
     result = subprocess.run(
-        [sys.executable, "-m", "ray_lips.cli.commands", "run", str(path), "--address", gpu_head,
+        [sys.executable, "-m", "ray_lips.cli", "run", str(path), "--address", gpu_head,
          "--set", "resources.pools=5", "--set", "resources.gpus_per_pool=0.5"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
         env={**_env(), "OMP_NUM_THREADS": "1"})

@@ -93,7 +93,7 @@ def test_the_command_refuses_a_planted_lock_link_in_one_line_before_ray(tmp_path
     (run_dir / ".lock").unlink(missing_ok=True)
     (run_dir / ".lock").symlink_to(victim)
     env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "ray_lips.cli.commands", "run", "--resume",
+    result = subprocess.run([sys.executable, "-m", "ray_lips.cli", "run", "--resume",
                              str(run_dir)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import ray
 
+from ray_lips.cluster.resources import ClusterError, RunNeed
 from ray_lips.config import ExperimentConfig
 
-
-class ClusterError(RuntimeError):
-    """The cluster cannot give what the config asks for."""
+__all__ = ["ClusterError", "check_cluster_auth", "check_resources", "connect"]
 
 
 _IMPORT_WAIT_S = 300.0  # the most connect() waits for its background imports after Ray is up
@@ -250,14 +249,13 @@ def check_resources(cfg: ExperimentConfig, concurrent_runs: int = 1) -> None:
         raise ClusterError(
             f"resources.gpus_per_pool is {res.gpus_per_pool} but Ray reports no GPU in this "
             "cluster; set resources.gpus_per_pool=0 to train on CPUs")
-    need_gpus = res.pools * res.gpus_per_pool * concurrent_runs
-    if need_gpus > gpus + 1e-9:
+    short = RunNeed.of(cfg, concurrent_runs).short(total)
+    if "GPU" in short:
         raise ClusterError(
             f"resources: {concurrent_runs} run(s) x {res.pools} pools x {res.gpus_per_pool} GPU "
-            f"= {need_gpus:g} GPUs, but the cluster has {gpus:g}")
-    need_cpus = (res.pools * res.cpus_per_pool + res.driver_cpus) * concurrent_runs
-    if need_cpus > cpus + 1e-9:
+            f"= {short['GPU'][0]:g} GPUs, but the cluster has {gpus:g}")
+    if "CPU" in short:
         raise ClusterError(
             f"resources: {concurrent_runs} run(s) x ({res.pools} pools x {res.cpus_per_pool} CPU "
-            f"+ {res.driver_cpus} driver CPU) = {need_cpus:g} CPUs, but the cluster has {cpus:g}; "
-            "lower resources.pools or resources.cpus_per_pool")
+            f"+ {res.driver_cpus} driver CPU) = {short['CPU'][0]:g} CPUs, but the cluster has "
+            f"{cpus:g}; lower resources.pools or resources.cpus_per_pool")

@@ -6,20 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_lips.config import ConfigError, ExperimentConfig
-from ray_lips.core.aggregate import DivergenceError
-from ray_lips.core.run import FederatedRun
+from ray_lips.cluster.resources import RunNeed, fits
+from ray_lips.config import ExperimentConfig
+from ray_lips.core.failure import RunFailedError, error_line, root_cause
+from ray_lips.core.run import FederatedRun, RoundDone
 from ray_lips.core.run_folder import RunWriter
 from ray_lips.pools.in_process import PoolFactory
 from ray_lips.pools.ray_actors import (
@@ -64,52 +63,8 @@ class Progress:
 
 
 # ----- errors in one line ------------------------------------------------------------------
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.+)$")
-
-
-class RunFailedError(RuntimeError):
-    """One of the runs of ``run_on_ray`` failed (the others were stopped): ``label`` names it,
-    ``cause`` is what it raised, out of Ray's wrappers."""
-
-    def __init__(self, label: str, cause: BaseException):
-        super().__init__(f"{label}: {error_line(cause)}")
-        self.label, self.cause = label, cause
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The exception that user code, the data or the engine raised, out of Ray's wrappers
-    (``RayTaskError.cause``, however deep the actors that passed it on)."""
-    for _ in range(32):  # a chain of wrappers is short; never loop on a cyclic one
-        cause = getattr(err, "cause", None)
-        if not isinstance(err, ray.exceptions.RayTaskError | RunFailedError) or \
-                not isinstance(cause, BaseException) or cause is err:
-            return err
-        err = cause
-    return err
-
-
-def error_line(err: BaseException) -> str:
-    """``err`` as the one line a user reads: its type and the first line of its message,
-    without Ray's tracebacks or colour codes. A ``ConfigError`` already names the key, and an
-    actor that failed in its constructor is told by the exception that failed it."""
-    err = root_cause(err)
-    text = _ANSI.sub("", str(err))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    name = type(err).__name__
-    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
-        # Ray keeps only the text of the constructor's traceback: its last line is the error
-        found = _EXCEPTION_LINE.match(lines[-1]) if lines else None
-        if found:
-            kind, message = found.group(1).rsplit(".", 1)[-1], found.group(2)
-            return message if kind == ConfigError.__name__ else f"{kind}: {message}"
-    elif isinstance(err, ray.exceptions.RayActorError) and len(lines) > 1:
-        return f"{name}: {lines[0]} {lines[-1]}"  # the last line says why the actor died
-    if isinstance(err, ConfigError) and lines:
-        return lines[0]
-    return f"{name}: {lines[0]}" if lines else name
-
-
+# ``RunFailedError``, ``root_cause`` and ``error_line``: ``ray_lips.core.failure`` (Ray-aware
+# without importing Ray), importable from here as before.
 # Failures of the machinery rather than of the run's code, data or config: after them a
 # ``--resume`` goes on from the last checkpoint.
 _RESUMABLE_RAY_ERRORS = (
@@ -177,14 +132,6 @@ def start_driver(cfg: ExperimentConfig, run_dir: Path,
     return driver.remote(cfg, str(run_dir), factory), pools
 
 
-def _failure_status(err: BaseException) -> str:
-    if isinstance(err, DivergenceError):
-        return "diverged"
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
-    return "failed"
-
-
 def _restartable(err: BaseException) -> bool:
     """A pool (or the driver actor) died or hung, or the driver did not answer within
     ``resources.timeout_s``: the run can go on from its checkpoint."""
@@ -204,25 +151,6 @@ def _stop(driver: Any, pools: list[Any], wait_s: float = 10.0) -> None:
 
 
 # ----- several runs on one cluster -----------------------------------------------------------
-@dataclass(frozen=True)
-class RunNeed:
-    """What one run holds while it runs: its pools' CPUs and GPUs and its driver's CPUs."""
-
-    cpus: float
-    gpus: float
-
-    @classmethod
-    def of(cls, cfg: ExperimentConfig) -> RunNeed:
-        res = cfg.resources
-        return cls(res.pools * res.cpus_per_pool + res.driver_cpus,
-                   res.pools * res.gpus_per_pool)
-
-
-def _fits(needs: list[RunNeed], total: Mapping[str, float]) -> bool:
-    return (sum(n.cpus for n in needs) <= total.get("CPU", 0.0) + 1e-9
-            and sum(n.gpus for n in needs) <= total.get("GPU", 0.0) + 1e-9)
-
-
 def runs_at_once(cfgs: list[ExperimentConfig], total: Mapping[str, float]) -> int:
     """How many of ``cfgs``, started in order as the earlier ones finish, run at the same
     time at most on a cluster of ``total`` resources (``ray.cluster_resources()``); at least
@@ -231,7 +159,7 @@ def runs_at_once(cfgs: list[ExperimentConfig], total: Mapping[str, float]) -> in
     most = 1
     for first in range(len(needs)):
         count = 1
-        while first + count < len(needs) and _fits(needs[first:first + count + 1], total):
+        while first + count < len(needs) and fits(needs[first:first + count + 1], total):
             count += 1
         most = max(most, count)
     return min(most, len(needs))
@@ -257,7 +185,8 @@ class _Runs:
             self.cfgs[label], self.dirs[label], self.times.get(label))
 
     def call(self, calls: dict[str, str]) -> dict[str, Any]:
-        """Each run's method (``calls``: label -> method) on its driver, all at once. A run
+        """Each run's method (``calls``: label -> ``start`` or ``advance``) on its driver, all
+        at once. A run
         whose driver had to restart is missing from the answer (it starts again from its
         checkpoint); a run that cannot go on raises ``RunFailedError``."""
         refs = {lbl: getattr(self.drivers[lbl], method).remote() for lbl, method in calls.items()}
@@ -299,8 +228,9 @@ class _Runs:
             self.stop(label, close=not interrupted, wait_s=10.0 if interrupted else 1.0)
 
     def run(self, on_round: Callable[[str, dict], None] | None) -> dict[str, dict[str, Any]]:
-        """Start as many runs as the cluster holds, advance the started ones a round at a time
-        together, and start the next queued run as one finishes; returns their summaries."""
+        """Start as many runs as the cluster holds, advance the started ones a step at a time
+        together (``FederatedRun.advance``: a round, then the end), and start the next queued
+        run as one finishes; returns their summaries."""
         total = ray.cluster_resources()
         queue = list(self.cfgs)
         running: list[str] = []
@@ -310,7 +240,7 @@ class _Runs:
         started: dict[str, float] = {}
         summaries: dict[str, dict[str, Any]] = {}
         while queue or running:
-            while queue and (not running or _fits(
+            while queue and (not running or fits(
                     [RunNeed.of(self.cfgs[lbl]) for lbl in (*running, queue[0])], total)):
                 label = queue.pop(0)
                 self.start(label)
@@ -321,24 +251,25 @@ class _Runs:
                 if lbl not in answers:  # restarted: it starts again from its checkpoint
                     next_call[lbl] = "start"
                     continue
-                rounds = self.cfgs[lbl].train.rounds
+                answer = answers[lbl]
                 if next_call[lbl] == "start":
-                    done[lbl] = answers[lbl]
+                    done[lbl] = answer
                     if lbl not in progress:
-                        progress[lbl] = Progress(lbl, rounds, self.stream, already_done=done[lbl])
+                        progress[lbl] = Progress(lbl, self.cfgs[lbl].train.rounds, self.stream,
+                                                 already_done=done[lbl])
                         started[lbl] = time.perf_counter()
-                elif next_call[lbl] == "run_round":
+                elif isinstance(answer, RoundDone):
                     done[lbl] += 1
-                    progress[lbl].update(answers[lbl], time.perf_counter() - started[lbl],
+                    progress[lbl].update(answer.row, time.perf_counter() - started[lbl],
                                          done[lbl])
                     if on_round:
-                        on_round(lbl, answers[lbl])
+                        on_round(lbl, answer.row)
                 else:  # finished: its resources go to the next run in the queue
-                    summaries[lbl] = answers[lbl]
+                    summaries[lbl] = answer.summary
                     running.remove(lbl)
                     self.stop(lbl, close=True, wait_s=1.0)
                     continue
-                next_call[lbl] = "run_round" if done[lbl] < rounds else "finish"
+                next_call[lbl] = "advance"
         return {lbl: summaries[lbl] for lbl in self.cfgs}
 
 
@@ -366,9 +297,9 @@ def run_on_ray(runs: list[tuple[str, ExperimentConfig, Path]],
                 continue
             # write_end: as well as the disk allows, so the error reported stays this one
             if failed is None or label == failed:
-                writer.write_end(_failure_status(cause), cause, error_line(cause))
+                writer.write_end(cause)
             else:
-                writer.write_end("interrupted", cause, f"stopped because run {failed} "
+                writer.write_end(cause, "interrupted", f"stopped because run {failed} "
                                  f"failed: {error_line(cause)}")
         raise
     finally:

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ray_lips.cluster.jobpaths import durable_path
+from ray_lips.cluster.resources import ClusterError, RunNeed
 from ray_lips.config import (
     ConfigError,
     ExperimentConfig,
@@ -62,10 +63,6 @@ Overrides = dict[str, Any]
 
 class SpecError(ConfigError):
     """A sweep spec is invalid; the message names the key."""
-
-
-class ClusterError(RuntimeError):
-    """The cluster can never host a trial of the sweep."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +101,8 @@ class SweepSpec:
     storage_is_relative: bool = False
     check_resources: bool = True
     section: dict[str, Any] = field(default_factory=dict)
+    # every grid point's config, validated once by ``parse_spec`` (see ``trial_configs``)
+    validated: list[ExperimentConfig] = field(default_factory=list, repr=False)
 
     @property
     def experiment_dir(self) -> Path:
@@ -114,8 +113,11 @@ class SweepSpec:
         return len(self.trials) * self.num_samples
 
     def trial_configs(self) -> list[ExperimentConfig]:
-        """Every grid point's config (random dimensions at their first value or lower bound)."""
-        return [_validate_trial(self.base, o, self.random) for o in self.trials]
+        """Every grid point's config (random dimensions at their first value or lower bound),
+        as ``parse_spec`` validated them."""
+        if len(self.validated) != len(self.trials):
+            self.validated = [_validate_trial(self.base, o, self.random) for o in self.trials]
+        return self.validated
 
 
 # ----- small helpers --------------------------------------------------------------------------
@@ -392,7 +394,7 @@ def parse_spec(tree: dict[str, Any]) -> SweepSpec:
     configs = [_validate_trial(base, overrides, random) for overrides in trials]
     _check_resources_schema(configs)
     spec = SweepSpec(name=_parse_name(section.get("name", base["name"])), base=base,
-                     trials=trials, random=random, section=section)
+                     trials=trials, random=random, section=section, validated=configs)
     _parse_run_options(spec, section, max_rounds=max(c.train.rounds for c in configs))
     return spec
 
@@ -473,7 +475,8 @@ def _offer(resources: dict[str, float]) -> str:
 
 
 def check_cluster(spec: SweepSpec, nodes: list[dict[str, Any]]) -> None:
-    """Raise ClusterError when some trial could never be placed on these nodes (``ray.nodes()``)."""
+    """Raise ``ClusterError`` (``ray_lips.cluster.resources``'s, also importable from here)
+    when some trial could never be placed on these nodes (``ray.nodes()``)."""
     alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     totals: dict[str, float] = {}
     for node in alive:
@@ -503,12 +506,8 @@ def check_cluster(spec: SweepSpec, nodes: list[dict[str, Any]]) -> None:
             raise ClusterError(
                 f"resources.driver_cpus: the trial driver needs {driver['CPU']:g} CPU, but no "
                 f"node offers that much (the largest offers {_offer(biggest)})")
-        need = {"CPU": res.pools * res.cpus_per_pool + res.driver_cpus,
-                "GPU": res.pools * res.gpus_per_pool}
-        for kind, amount in need.items():
-            if amount > totals.get(kind, 0.0) + 1e-9:
-                raise ClusterError(
-                    f"resources.pools: one trial needs {res.pools} pools x "
-                    f"{res.cpus_per_pool:g} CPU / {res.gpus_per_pool:g} GPU"
-                    f" + {res.driver_cpus:g} driver CPU = {amount:g} {kind}, but the whole "
-                    f"cluster has {totals.get(kind, 0.0):g}")
+        for kind, (amount, there) in RunNeed.of(cfg).short(totals).items():
+            raise ClusterError(
+                f"resources.pools: one trial needs {res.pools} pools x {res.cpus_per_pool:g} "
+                f"CPU / {res.gpus_per_pool:g} GPU + {res.driver_cpus:g} driver CPU = "
+                f"{amount:g} {kind}, but the whole cluster has {there:g}")

@@ -38,8 +38,8 @@ from ray_lips.cluster.sweep_spec import (
 )
 from ray_lips.cluster.sweep_stop import mark_if_running
 from ray_lips.config import ExperimentConfig, validate_config
-from ray_lips.core.aggregate import DivergenceError
-from ray_lips.core.run import FederatedRun
+from ray_lips.core.failure import DivergenceError
+from ray_lips.core.run import FederatedRun, drive
 from ray_lips.core.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -147,36 +147,45 @@ def _pool_factory(cfg: ExperimentConfig) -> RayPoolFactory:
     return RayPoolFactory(cfg.resources, placement_group=group, first_bundle=first)
 
 
-def _drive(run: FederatedRun, writer: RunWriter, after_round: AfterRound | None) -> None:
-    """Rounds until the end, reporting evaluated and checkpointed rounds; then the summary."""
+def _drive(run: FederatedRun, writer: RunWriter, after_round: AfterRound | None,
+           stoppable: bool) -> None:
+    """The run to its end (``core.run.drive``), reporting evaluated and checkpointed rounds;
+    then the summary. ``stoppable``: Tune may stop the trial at any report (a scheduler, a
+    time budget), so the round tables are written before each, not only with checkpoints."""
     last = writer.latest_checkpoint()
-    while not run.done:
-        row = run.run_round()
+
+    def report(row: dict[str, Any]) -> None:
+        nonlocal last
         if after_round is not None:
             after_round(row, writer.dir)
         newest = writer.latest_checkpoint()
         fresh = newest if newest != last else None
         last = newest
         if not run.done and (row["evaluated"] or fresh is not None):
+            if stoppable and fresh is None:
+                run.write_tables()
             _report(round_metrics(row, run.summary()), fresh, writer)
-    summary = run.finish()
+
+    summary = drive(run, report)
     row = run.rounds_rows[-1] if run.rounds_rows else {}
     final = {**round_metrics(row, summary), **{k: v for k, v in summary.items() if _is_number(v)}}
     _report(final, writer.latest_checkpoint(), writer)
 
 
 def lips_trial(config: dict[str, Any], base: dict[str, Any],
-               after_round: AfterRound | None = None) -> None:
+               after_round: AfterRound | None = None, stoppable: bool = False) -> None:
     """The Tune function trainable: one federated run, reported round by round, holding its
-    directory's run lock throughout."""
+    directory's run lock throughout. Its config is validated here, once. ``stoppable``: the
+    sweep has a scheduler or a time budget (see ``_drive``)."""
     cfg = resolve_trial(base, config)
     run_dir = trial_run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
-        _trial(cfg, RunWriter(run_dir), after_round)
+        _trial(cfg, RunWriter(run_dir), after_round, stoppable)
 
 
-def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | None) -> None:
+def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | None,
+           stoppable: bool) -> None:
     earlier = writer.read_status()
     if earlier.get("status") == "diverged":  # deterministic: a retry would diverge again
         raise DivergenceError(f"diverged in an earlier attempt, not retried: "
@@ -186,10 +195,9 @@ def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | N
         adopt_checkpoint(tune.get_checkpoint(), writer)
         writer.write_config(cfg)
         run = FederatedRun(cfg, writer.dir, _pool_factory(cfg))
-        _drive(run, writer, after_round)
-    except Exception as err:  # a pool's error arrives wrapped: its cause says what happened
-        cause = getattr(err, "cause", None) or err
-        writer.write_end("diverged" if isinstance(cause, DivergenceError) else "failed", cause)
+        _drive(run, writer, after_round, stoppable)
+    except Exception as err:  # a pool's error arrives wrapped: write_end follows its cause
+        writer.write_end(err)
         raise
     finally:
         if run is not None:
@@ -197,14 +205,16 @@ def _trial(cfg: ExperimentConfig, writer: RunWriter, after_round: AfterRound | N
 
 
 # ----- Tune plumbing --------------------------------------------------------------------------
-def make_trainable(base: dict[str, Any], after_round: AfterRound | None = None) -> Any:
+def make_trainable(base: dict[str, Any], after_round: AfterRound | None = None,
+                   stoppable: bool = False) -> Any:
     """``lips_trial`` bound to the base config, with each trial's placement group."""
 
     def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
         return tune.PlacementGroupFactory(trial_bundles(resolve_trial(base, config)),
                                           strategy="PACK")
 
-    trainable = tune.with_parameters(lips_trial, base=base, after_round=after_round)
+    trainable = tune.with_parameters(lips_trial, base=base, after_round=after_round,
+                                     stoppable=stoppable)
     return tune.with_resources(trainable, resources=resources)
 
 
@@ -262,7 +272,7 @@ def make_scheduler(spec: SchedulerSpec | None) -> ASHAScheduler | None:
 def build_tuner(spec: SweepSpec, callbacks: Sequence[tune.Callback] = (),
                 after_round: AfterRound | None = None) -> tune.Tuner:
     return tune.Tuner(
-        make_trainable(spec.base, after_round),
+        make_trainable(spec.base, after_round, stops_early(spec.section)),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, scheduler=make_scheduler(spec.scheduler),
@@ -274,6 +284,12 @@ def build_tuner(spec: SweepSpec, callbacks: Sequence[tune.Callback] = (),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[RunStatusCallback(), *callbacks]),
     )
+
+
+def stops_early(section: dict[str, Any]) -> bool:
+    """Whether Tune may stop the sweep's trials before their last round (its ``sweep``
+    section has a scheduler or a time budget)."""
+    return bool(section.get("scheduler")) or section.get("time_budget_s") is not None
 
 
 def save_spec(spec: SweepSpec) -> Path:
@@ -315,7 +331,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, callbacks: Sequence[tune
     if resume:
         saved = saved_spec(spec.experiment_dir) or {}
         tuner = tune.Tuner.restore(str(spec.experiment_dir),
-                                   trainable=make_trainable(saved.get("base", spec.base)),
+                                   trainable=make_trainable(
+                                       saved.get("base", spec.base),
+                                       stoppable=stops_early(saved.get("sweep", spec.section))),
                                    resume_unfinished=True, resume_errored=True)
     else:
         save_spec(spec)

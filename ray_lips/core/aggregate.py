@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ray_lips.core.failure import DivergenceError
+
+__all__ = ["DivergenceError", "FixedSum", "add_client", "add_sums", "to_state"]
+
 FRACTION_BITS = 32
 _SCALE = float(2**FRACTION_BITS)
 _LIMIT = float(2**30)  # |value| beyond this would overflow the int64 grid: the run has diverged
-
-
-class DivergenceError(RuntimeError):
-    """A client produced non-finite or exploding weights (e.g. a NaN loss)."""
 
 
 FixedSum = dict[str, torch.Tensor]
@@ -61,12 +61,3 @@ def to_state(total: FixedSum, template: Mapping[str, torch.Tensor]) -> dict[str,
             state[name] = torch.round(value).to(ref.dtype)
     return state
 
-
-def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    """Sample-weighted average of whole state dicts (parameters and buffers)."""
-    total_weight = sum(weights)
-    acc: FixedSum | None = None
-    for state, weight in zip(states, weights, strict=True):
-        acc = add_client(acc, state, weight / total_weight)
-    assert acc is not None, "fedavg of no states"
-    return to_state(acc, states[0])

@@ -9,12 +9,13 @@ what a round sends and how the averaged parts become the next global state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,9 +24,9 @@ import torch
 
 from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout, client_slots
 from ray_lips.config import ExperimentConfig, validate_config
-from ray_lips.core.aggregate import DivergenceError, FixedSum, add_sums, to_state
+from ray_lips.core.aggregate import FixedSum, add_sums, to_state
 from ray_lips.core.inertia import layer_metrics
-from ray_lips.core.run_folder import RunWriter, check_run_folder, open_new
+from ray_lips.core.run_folder import LAYERS_FILE, ROUNDS_FILE, RunWriter, check_run_folder, open_new
 from ray_lips.core.seeding import derive_seed, numpy_rng
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
@@ -129,8 +130,28 @@ def driver_threads(method: Callable[..., T]) -> Callable[..., T]:
     return wrapped
 
 
+@dataclass(frozen=True)
+class RoundDone:
+    """A step of a run that trained a round: the round's row of ``rounds.parquet``."""
+
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The last step of a run: fine-tuned, scored, its files written; the summary."""
+
+    summary: dict[str, Any]
+
+
 class FederatedRun:
-    """One run, advanced a round at a time; resumes from its directory's latest checkpoint."""
+    """One run, advanced a round at a time; resumes from its directory's latest checkpoint.
+
+    The round tables (``rounds.parquet``, ``layers.parquet``) are kept in memory and written
+    with each checkpoint, at the end, and when a round fails: rewriting them whole every round
+    would cost the square of the rounds. A run stopped between two writes loses only rounds
+    after its last checkpoint, which a resume runs again; ``status.json`` follows every round.
+    """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path,
                  make_pools: PoolFactory = local_pools):
@@ -204,9 +225,25 @@ class FederatedRun:
             out[part] = to_state(total, {k: self.global_state[k] for k in total})
         return out
 
-    @driver_threads
+    def advance(self) -> RoundDone | RunFinished:
+        """The run's next step: the next round while rounds remain, then the end."""
+        if self.done:
+            return RunFinished(self.finish())
+        return RoundDone(self.run_round())
+
     def run_round(self) -> dict[str, Any]:
-        """Train, aggregate, hand out, measure; returns this round's row."""
+        """Train, aggregate, hand out, measure; returns this round's row. A round that fails
+        leaves the rows of the rounds before it on disk (as well as the disk allows)."""
+        try:
+            return self._run_round()
+        except BaseException:
+            if self.rounds_rows:  # a run that never trained leaves no table
+                with contextlib.suppress(Exception):  # the error reported stays the round's
+                    self.write_tables()
+            raise
+
+    @driver_threads
+    def _run_round(self) -> dict[str, Any]:
         cfg, r = self.cfg, self.round
         started = time.perf_counter()
         participants = sample_participants(cfg, r)
@@ -247,8 +284,6 @@ class FederatedRun:
         }
         self.rounds_rows.append(row)
         self.round += 1
-        self.writer.write_rounds(self.rounds_rows)
-        self.writer.write_layers(self.layers_rows)
         if self.round % cfg.train.checkpoint_every == 0 or self.done:
             self.checkpoint()
         self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds,
@@ -287,12 +322,16 @@ class FederatedRun:
                 out[f"{key}_mean"] = _mean(client_rows, key)
         return out
 
-    def run_dir(self) -> str:
-        return str(self.writer.dir)
-
     # ----- checkpoints ------------------------------------------------------------------
+    def write_tables(self) -> None:
+        """``rounds.parquet`` and ``layers.parquet`` with every round done so far."""
+        self.writer.write_rounds(self.rounds_rows)
+        self.writer.write_layers(self.layers_rows)
+
     def checkpoint(self) -> Path:
-        """The driver's state in one file, the clients' state in parts beside it."""
+        """The round tables so far, then the driver's state in one file and the clients' state
+        in parts beside it (a resume reads the tables up to the checkpoint's round)."""
+        self.write_tables()
         return self.writer.save_checkpoint(self.round - 1, {
             "next_round": self.round, "global_state": self.global_state,
             "ref_state": self.ref_state, "server_state": self.server_state,
@@ -336,9 +375,9 @@ class FederatedRun:
         self.ref_state = checkpoint["ref_state"]
         self.server_state = checkpoint.get("server_state", self.server_state)
         self.elapsed = checkpoint["elapsed"]
-        self.rounds_rows = [r for r in self.writer.read_table("rounds.parquet")
+        self.rounds_rows = [r for r in self.writer.read_table(ROUNDS_FILE)
                             if r["round"] < self.round]
-        self.layers_rows = [r for r in self.writer.read_table("layers.parquet")
+        self.layers_rows = [r for r in self.writer.read_table(LAYERS_FILE)
                             if r["round"] < self.round]
         self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
         # Part by part, each pool gets its own clients' entries (whatever the pool count was)
@@ -357,18 +396,25 @@ class FederatedRun:
         self.pools.shutdown()
 
 
+def drive(run: FederatedRun,
+          after_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Advance ``run`` to its end and return its summary; ``after_round`` sees each round's row
+    (a Tune trial reports it). ``ray-lips run`` on Ray advances its driver actors the same way,
+    a step (``FederatedRun.advance``) at a time."""
+    while isinstance(step := run.advance(), RoundDone):
+        if after_round is not None:
+            after_round(step.row)
+    return step.summary
+
+
 def run_local(config: ExperimentConfig | dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Run a whole experiment in this process, without Ray (tests, GPU boxes without Ray)."""
     cfg = config if isinstance(config, ExperimentConfig) else validate_config(config)
     run = FederatedRun(cfg, run_dir)
     try:
-        while not run.done:
-            run.run_round()
-        return run.finish()
+        return drive(run)
     except BaseException as err:
-        status = ("diverged" if isinstance(err, DivergenceError) else
-                  "interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
-        run.writer.write_end(status, err)  # as well as the disk allows; the error is this one
+        run.writer.write_end(err)  # as well as the disk allows; the error is this one
         raise
     finally:
         run.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ray_lips.config import ExperimentConfig, validate_config
+from ray_lips.core.failure import end_status, error_line, root_cause
 
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
@@ -36,6 +37,8 @@ CLIENTS_FILE = "clients.parquet"
 MODEL_FILE = "model_final.pt"
 LOCK_FILE = ".lock"
 CHECKPOINT_DIR = "checkpoints"
+# The tables by the names the analysis gives them (``analysis.loaders``' frames)
+TABLE_FILES = {"rounds": ROUNDS_FILE, "layers": LAYERS_FILE, "clients": CLIENTS_FILE}
 # What ray-lips writes at the top of a run folder (checkpoints/ holds the rest)
 RUN_FOLDER_FILES = (CONFIG_FILE, STATUS_FILE, ROUNDS_FILE, LAYERS_FILE, CLIENTS_FILE, MODEL_FILE,
                     LOCK_FILE, CHECKPOINT_DIR)
@@ -52,12 +55,6 @@ def first_line(err: BaseException) -> str:
     0-byte file makes ``torch.load`` raise an ``EOFError`` with an empty message)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-def error_line(err: BaseException) -> str:
-    """``Type: first line of the message``: how a status file and a command name an error."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _short(value: object, limit: int = 60) -> str:
@@ -349,14 +346,18 @@ class RunWriter:
         current.update(fields, status=status, updated=time.time())
         write_bytes_replacing(self.dir / STATUS_FILE, json.dumps(current, indent=2).encode())
 
-    def write_end(self, status: str, err: BaseException, line: str | None = None) -> bool:
-        """Record how a run ended badly (``failed``, ``diverged``, ``interrupted``) with the
-        error's first line, as well as the disk allows: never raises an ``OSError``, so the
-        error that ended the run is the one reported. On a full disk, where even the small
-        new file cannot be made, ``status.json`` is rewritten in place (its own space is
-        reused). ``line``: the error as the caller words it (default: its first line). Returns
-        whether the status was written."""
-        fields = {"status": status, "error": line if line is not None else error_line(err)}
+    def write_end(self, err: BaseException, status: str | None = None,
+                  line: str | None = None) -> bool:
+        """Record how a run ended badly, as well as the disk allows: never raises an
+        ``OSError``, so the error that ended the run is the one reported. ``status``: default
+        the error's own (``failed``, ``diverged``, ``interrupted``: ``failure.end_status``);
+        ``line``: the error as the caller words it (default: ``failure.error_line``, out of
+        Ray's wrappers). On a full disk, where even the small new file cannot be made,
+        ``status.json`` is rewritten in place (its own space is reused). Returns whether the
+        status was written."""
+        cause = root_cause(err)
+        status = status if status is not None else end_status(cause)
+        fields = {"status": status, "error": line if line is not None else error_line(cause)}
         with contextlib.suppress(OSError):  # no room for a new file: rewrite in place below
             self.write_status(status, error=fields["error"])
             return True

@@ -9,9 +9,10 @@ come back in pool order.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ from ray_lips.pools.client_store import EntryInfo
 from ray_lips.pools.messages import (
     HandoutReply,
     HandoutRequest,
+    PoolCall,
     PoolDevice,
     StatePartReply,
     StatePartRequest,
@@ -33,46 +35,77 @@ from ray_lips.pools.payload import PoolPayload
 ClientState = dict[str, dict[int, Tensors]]  # slot -> client -> tensors
 
 
-class PoolGroup(Protocol):
-    size: int
+# Fine-tuning scores each client four times and recalibrates its BN statistics (forward
+# passes only): counted as this many epochs of training when bounding its first call.
+FINETUNE_EVALUATION_EPOCHS = 2
 
+
+class PoolGroup(ABC):
+    """The client pools of a run, one step of a round for all of them at once: every step is
+    a ``PoolCall`` that ``call`` runs (``LocalPools``: in this process; ``RayPools``: on Ray
+    actors), with the replies in pool order. The steps are listed here, once."""
+
+    cfg: ExperimentConfig
+    size: int
+    hosted: list[int]  # clients per pool, once loaded
+
+    @abstractmethod
     def load(self, payloads: list[PoolPayload]) -> None:
         """Give pool i the clients of ``payloads[i]``; returns once every pool holds them."""
-        ...
 
-    def set_global(self, round_idx: int, state: Tensors, density: float) -> None: ...
+    @abstractmethod
+    def call(self, call: PoolCall) -> list[Any]:
+        """Every pool's reply to ``call``, in pool order."""
 
-    def train_round(self, requests: list[TrainRequest],
-                    message: dict[str, Tensors]) -> list[TrainReply]: ...
-
-    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]: ...
-
-    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]: ...
-
-    def state_index(self) -> list[list[EntryInfo]]:
-        """Each pool's client state entries (what a checkpoint must hold), with sizes."""
-        ...
-
-    def sees(self, path: str) -> list[bool]:
-        """Whether each pool sees the file at ``path`` (and so can write beside it)."""
-        ...
-
-    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
-        """Pool i writes or sends the entries ``requests[i]`` names: one checkpoint part."""
-        ...
-
-    def import_state(self, states: list[ClientState]) -> None:
-        """Adds ``states[i]``'s entries to pool i (of its own clients)."""
-        ...
-
-    def stats(self) -> list[dict[str, float]]: ...
-
+    @abstractmethod
     def devices(self) -> list[PoolDevice]:
         """Each loaded pool's device (e.g. ``cpu``, ``cuda:0 (NVIDIA H100 ...)``), node, GPU ids
         and CUDA_VISIBLE_DEVICES, as the pool saw them when it was loaded; no call to a pool."""
-        ...
 
+    @abstractmethod
     def shutdown(self) -> None: ...
+
+    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+        self.call(PoolCall(ClientPool.set_global, "set_global",
+                           shared=(round_idx, state, density)))
+
+    def train_round(self, requests: list[TrainRequest],
+                    message: dict[str, Tensors]) -> list[TrainReply]:
+        busiest = max((len(request.participants) for request in requests), default=0)
+        return self.call(PoolCall(ClientPool.train_round, "training", requests, (message,),
+                                  busiest * self.cfg.train.local_epochs))
+
+    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
+        evaluates = any(r.eval_test or r.eval_clients for r in requests)
+        return self.call(PoolCall(ClientPool.handout, "hand-out with evaluation" if evaluates
+                                  else "hand-out", requests, (state,)))
+
+    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
+        # each client fine-tunes ``epochs`` and is scored about as often as an epoch costs
+        work = max(self.hosted, default=0) * (epochs + FINETUNE_EVALUATION_EPOCHS)
+        return self.call(PoolCall(ClientPool.finetune, "fine-tuning", shared=(round_idx, epochs),
+                                  work=work))
+
+    def state_index(self) -> list[list[EntryInfo]]:
+        """Each pool's client state entries (what a checkpoint must hold), with sizes."""
+        return self.call(PoolCall(ClientPool.state_index, "state index"))
+
+    def sees(self, path: str) -> list[bool]:
+        """Whether each pool sees the file at ``path`` (and so can write beside it)."""
+        return self.call(PoolCall(ClientPool.sees, "checkpoint folder check", shared=(path,)))
+
+    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
+        """Pool i writes or sends the entries ``requests[i]`` names: one checkpoint part."""
+        return self.call(PoolCall(ClientPool.save_state, "client state checkpoint", requests))
+
+    def import_state(self, states: list[ClientState]) -> None:
+        """Adds ``states[i]``'s entries to pool i (of its own clients)."""
+        self.call(PoolCall(ClientPool.import_state, "state import", states))
+
+
+def pool_stats(group: PoolGroup) -> list[dict[str, float]]:
+    """Each pool's memory and store statistics (``ClientPool.stats``): for the benchmarks."""
+    return group.call(PoolCall(ClientPool.stats, "stats"))
 
 
 PoolFactory = Callable[[ExperimentConfig], PoolGroup]  # starts ``cfg.resources.pools`` pools
@@ -91,7 +124,7 @@ def torch_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-class LocalPools:
+class LocalPools(PoolGroup):
     """All pools in this process, called one after another: the no-Ray training path.
 
     Each call runs with the threads a Ray pool of the same config has (``cpus_per_pool``, see
@@ -103,6 +136,7 @@ class LocalPools:
         self.cfg = cfg
         self.pools: list[ClientPool] = []
         self.size = cfg.resources.pools
+        self.hosted: list[int] = []
         self.threads = pool_threads(cfg.resources)
 
     def _threads(self) -> AbstractContextManager[None]:
@@ -111,45 +145,13 @@ class LocalPools:
     def load(self, payloads: list[PoolPayload]) -> None:
         with self._threads():
             self.pools = [ClientPool(self.cfg, payload) for payload in payloads]
+        self.hosted = [len(payload.data.clients) for payload in payloads]
 
-    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+    def call(self, call: PoolCall) -> list[Any]:
         with self._threads():
-            for pool in self.pools:
-                pool.set_global(round_idx, state, density)
-
-    def train_round(self, requests: list[TrainRequest],
-                    message: dict[str, Tensors]) -> list[TrainReply]:
-        with self._threads():
-            return [pool.train_round(request, message)
-                    for pool, request in zip(self.pools, requests, strict=True)]
-
-    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
-        with self._threads():
-            return [pool.handout(request, state)
-                    for pool, request in zip(self.pools, requests, strict=True)]
-
-    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
-        with self._threads():
-            return [pool.finetune(round_idx, epochs) for pool in self.pools]
-
-    def state_index(self) -> list[list[EntryInfo]]:
-        return [pool.state_index() for pool in self.pools]
-
-    def sees(self, path: str) -> list[bool]:
-        return [pool.sees(path) for pool in self.pools]
-
-    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
-        with self._threads():
-            return [pool.save_state(request)
-                    for pool, request in zip(self.pools, requests, strict=True)]
-
-    def import_state(self, states: list[ClientState]) -> None:
-        with self._threads():
-            for pool, state in zip(self.pools, states, strict=True):
-                pool.import_state(state)
-
-    def stats(self) -> list[dict[str, float]]:
-        return [pool.stats() for pool in self.pools]
+            return [call.method(pool, *arguments)
+                    for pool, arguments in zip(self.pools, call.arguments(len(self.pools)),
+                                               strict=True)]
 
     def devices(self) -> list[PoolDevice]:
         return [pool.device_info() for pool in self.pools]

@@ -1,8 +1,10 @@
 """The typed requests and replies between the driver and its client pools, one pair per step
-of a round: train, hand out, fine-tune at the end, and export or import client state."""
+of a round: train, hand out, fine-tune at the end, and export or import client state; and
+``PoolCall``, one such step for every pool of a group, however the group runs it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +89,31 @@ class PoolDevice:
     def location(self) -> str:
         """How error messages name the pool's process."""
         return f"pid {self.pid} on {self.node}"
+
+
+@dataclass(frozen=True)
+class PoolCall:
+    """One step for every pool of a group: ``method``, a ``ClientPool`` method (called on each
+    pool in this process, or by its name on each pool's actor), with pool i's own argument
+    ``each[i]`` (when given) and then the arguments all pools share. ``kind`` names the step
+    in a hung pool's message and its deadline; ``work``: the client-epochs of the busiest pool,
+    where the step trains (see ``ray_actors.CallDeadlines``)."""
+
+    method: Callable[..., Any]
+    kind: str
+    each: Sequence[Any] | None = None
+    shared: tuple[Any, ...] = ()
+    work: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The method's name: what a pool's actor is called by."""
+        return self.method.__name__
+
+    def arguments(self, pools: int) -> list[tuple[Any, ...]]:
+        """Each pool's arguments, in pool order."""
+        if self.each is None:
+            return [self.shared] * pools
+        if len(self.each) != pools:
+            raise ValueError(f"{self.kind}: {len(self.each)} requests for {pools} pools")
+        return [(own, *self.shared) for own in self.each]

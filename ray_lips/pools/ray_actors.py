@@ -13,27 +13,14 @@ import torch
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_lips.algorithms.base import Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.pools.client_pool import ClientPool, CudaUnavailableError, pool_threads
-from ray_lips.pools.client_store import EntryInfo
-from ray_lips.pools.in_process import ClientState
-from ray_lips.pools.messages import (
-    HandoutReply,
-    HandoutRequest,
-    PoolDevice,
-    StatePartReply,
-    StatePartRequest,
-    TrainReply,
-    TrainRequest,
-)
+from ray_lips.pools.in_process import PoolGroup
+from ray_lips.pools.messages import PoolCall, PoolDevice
 from ray_lips.pools.payload import DatasetArrays, PoolPayload
 
 # Arguments at least this large go through the object store once, shared by every pool.
 _SHARE_ABOVE_BYTES = 64 * 1024
-# Fine-tuning scores each client four times and recalibrates its BN statistics (forward
-# passes only): counted as this many epochs of training when bounding its first call.
-FINETUNE_EVALUATION_EPOCHS = 2
 
 
 def _shared(value: Any) -> Any:
@@ -184,7 +171,7 @@ def start_pool_actors(cfg: ExperimentConfig, resources: ResourcesConfig,
     return actors
 
 
-class RayPools:
+class RayPools(PoolGroup):
     """One ``ClientPool`` actor per payload, each with its CPUs and GPU fraction.
 
     ``times``: pool calls timed by the pools this group replaces (see ``CallDeadlines``).
@@ -264,49 +251,14 @@ class RayPools:
         self.deadlines.record(kind, time.monotonic() - started, client_epochs)
         return replies
 
-    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
-        shared = _shared(state)
-        self._get([a.set_global.remote(round_idx, shared, density) for a in self.actors],
-                  "set_global")
-
-    def train_round(self, requests: list[TrainRequest],
-                    message: dict[str, Tensors]) -> list[TrainReply]:
-        shared = _shared(message)
-        busiest = max((len(request.participants) for request in requests), default=0)
-        return self._get([actor.train_round.remote(request, shared)
-                          for actor, request in zip(self.actors, requests, strict=True)],
-                         "training", busiest * self.cfg.train.local_epochs)
-
-    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
-        shared = _shared(state)
-        kind = "hand-out with evaluation" if any(r.eval_test or r.eval_clients
-                                                 for r in requests) else "hand-out"
-        return self._get([actor.handout.remote(request, shared)
-                          for actor, request in zip(self.actors, requests, strict=True)], kind)
-
-    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
-        # each client fine-tunes ``epochs`` and is scored about as often as an epoch costs
-        work = max(self.hosted, default=0) * (epochs + FINETUNE_EVALUATION_EPOCHS)
-        return self._get([a.finetune.remote(round_idx, epochs) for a in self.actors],
-                         "fine-tuning", work)
-
-    def state_index(self) -> list[list[EntryInfo]]:
-        return self._get([a.state_index.remote() for a in self.actors], "state index")
-
-    def sees(self, path: str) -> list[bool]:
-        return self._get([a.sees.remote(path) for a in self.actors], "checkpoint folder check")
-
-    def save_state(self, requests: list[StatePartRequest]) -> list[StatePartReply]:
-        return self._get([actor.save_state.remote(request)
-                          for actor, request in zip(self.actors, requests, strict=True)],
-                         "client state checkpoint")
-
-    def import_state(self, states: list[ClientState]) -> None:
-        self._get([actor.import_state.remote(state)
-                   for actor, state in zip(self.actors, states, strict=True)], "state import")
-
-    def stats(self) -> list[dict[str, float]]:
-        return self._get([a.stats.remote() for a in self.actors], "stats")
+    def call(self, call: PoolCall) -> list[Any]:
+        """Every actor's reply (see ``_get``); large shared arguments go through the object
+        store once."""
+        shared = replace(call, shared=tuple(_shared(value) for value in call.shared))
+        return self._get([getattr(actor, call.name).remote(*arguments)
+                          for actor, arguments in zip(self.actors, shared.arguments(self.size),
+                                                      strict=True)],
+                         call.kind, call.work)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -127,8 +127,6 @@ def test_an_unusable_algorithm_stops_with_one_line_naming_the_key(package, keys,
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="core/run_folder.new_run_dir names the method by "
-                   "cfg.algorithm, the import path, not by cfg.method")
 def test_run_folders_name_the_algorithm_by_its_name(package, tmp_path):
     from ray_lips.core.run_folder import new_run_dir
 

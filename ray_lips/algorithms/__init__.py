@@ -9,7 +9,7 @@ hand-outs are imported when built.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ray_lips.algorithms import registry
 from ray_lips.algorithms.base import Algorithm
@@ -51,15 +51,6 @@ def client_slots(cfg: ExperimentConfig) -> frozenset[str]:
     declared = {*algorithm_class(cfg).client_slots, *handout.client_slots}
     return frozenset(declared | {old for old, new in LEGACY_CLIENT_SLOTS.items()
                                  if new in declared})
-
-
-def __getattr__(name: str) -> Any:
-    """``LEGACY_CLIENT_SLOTS`` (LIPS's hand-out's, which imports torch), on first use."""
-    if name == "LEGACY_CLIENT_SLOTS":
-        from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS
-
-        return LEGACY_CLIENT_SLOTS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Algorithm", "algorithm_class", "build_algorithm", "build_handout", "client_slots",

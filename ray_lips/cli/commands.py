@@ -161,8 +161,8 @@ def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = Fa
 
 def _failure_message(err: Exception, runs: list[Run], created: bool) -> str:
     """The line that ends a failed command, after tidying the run folders it leaves."""
-    from ray_lips.cluster.driver import error_line, resuming_can_help, root_cause
-    from ray_lips.core.aggregate import DivergenceError
+    from ray_lips.cluster.driver import resuming_can_help
+    from ray_lips.core.failure import DivergenceError, error_line, root_cause
 
     cause = root_cause(err)
     failed = getattr(err, "label", None)  # run_on_ray names the run that failed

@@ -87,7 +87,7 @@ def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
         runtime.connect(address, while_starting=["ray_lips.cluster.tune_trial"])
         if spec.check_resources:
             check_cluster(spec, ray.nodes())
-    except (ClusterError, runtime.ClusterError) as err:
+    except ClusterError as err:
         _fail(str(err))
 
 

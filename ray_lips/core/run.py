@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ray_lips.algorithms import LEGACY_CLIENT_SLOTS, build_algorithm, build_handout, client_slots
+from ray_lips.algorithms import build_algorithm, build_handout, client_slots
+from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS
 from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.core.aggregate import FixedSum, add_sums, to_state
 from ray_lips.core.inertia import layer_metrics

@@ -221,8 +221,7 @@ def new_run_dir(cfg: ExperimentConfig, output: str | Path | None = None) -> Path
     """A fresh, uniquely named directory under ``output`` (default: the config's)."""
     base = Path(output if output is not None else cfg.output).expanduser().resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    method = cfg.algorithm if cfg.handout == "dense" else f"{cfg.algorithm}+{cfg.handout}"
-    stem = f"{cfg.name}_{method}_s{cfg.seed}_{stamp}"
+    stem = f"{cfg.name}_{cfg.method}_s{cfg.seed}_{stamp}"
     for suffix in range(1000):
         path = base / (stem if suffix == 0 else f"{stem}_{suffix}")
         try:

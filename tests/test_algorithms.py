@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -89,8 +90,16 @@ def test_every_builtin_algorithm_is_found_with_its_section():
     """Built-ins are the package's modules: each has its name, and its Options are the
     config's section of that name (with the Options' defaults)."""
     found = registry.builtin()
-    assert list(found) == ["fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"]
-    assert registry.composable_with_lips() == ("fedavg", "fedprox", "scaffold")
+    folder = Path(registry.__file__).parent
+    modules = sorted(p.stem for p in folder.glob("*.py")
+                     if p.stem not in ("__init__", "base", "registry"))
+    assert sorted(cls.__module__.rpartition(".")[2] for cls in found.values()) == modules
+    assert {"fedavg", "fedprox", "scaffold", "fedper", "ditto", "local"} <= set(found)
+    assert list(found) == sorted(found, key=lambda name: (found[name].order, name))
+    assert list(found)[0] == "fedavg"
+    assert registry.composable_with_lips() == tuple(
+        name for name, cls in found.items() if cls.sparse_handout)
+    assert not {"fedper", "ditto", "local"} & set(registry.composable_with_lips())
     defaults = ExperimentConfig()
     for name, cls in found.items():
         if cls.Options.model_fields:

@@ -1,23 +1,25 @@
 """What every table of the analysis builds on: the runs column a metric reads, the finished
 runs, the setting columns a table shows, the order of methods, and :class:`Table` with its
-Markdown. :mod:`analysis.tables` and :mod:`analysis.paired` both use these, and neither imports
-the other's helpers.
+Markdown and LaTeX. :mod:`analysis.tables` and :mod:`analysis.paired` both use these, and
+neither imports the other's helpers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis import latex
 from analysis.loaders import METRICS, setting_columns
 from analysis.methods import ALGORITHMS, BASELINE_TEXT, check_baseline, fmt_value, label_sort_key
 
 ALPHA = 0.05  # a paired difference is a gain or a loss only with p < ALPHA ...
 MIN_SEEDS = 3  # ... over at least MIN_SEEDS paired seeds
+DIGITS = 3  # decimals of a mean ± std cell; LaTeX's bold compares means at this precision
 
 
 def value_column(metric: str, windowed: bool = True) -> str:
@@ -66,7 +68,7 @@ def baseline_description(baseline: str) -> str:
     return f"{BASELINE_TEXT[check_baseline(baseline)]} (`--baseline {baseline}`)"
 
 
-def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
+def mean_std(mean: float, std: float, n: int, digits: int = DIGITS) -> str:
     if mean is None or not np.isfinite(mean):
         return "-"
     if n < 2 or not np.isfinite(std):
@@ -74,12 +76,21 @@ def mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _cell(value: object) -> str:
+def cell_text(value: object) -> str:
+    """A table cell as plain text: missing as empty, floats as 4 significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value)
+
+
+def _cell(value: object) -> str:
+    return cell_text(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _numeric(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and column.dtype != bool
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
@@ -87,8 +98,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "_(no rows)_"
     header = [_cell(c) for c in frame.columns]
-    align = ["---:" if pd.api.types.is_numeric_dtype(frame[c]) and frame[c].dtype != bool
-             else ":---" for c in frame.columns]
+    align = ["---:" if _numeric(frame[c]) else ":---" for c in frame.columns]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
@@ -97,20 +107,62 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 @dataclass
 class Table:
+    """A table of the report: ``data`` the numbers (CSV), ``display`` the formatted cells
+    (Markdown and LaTeX), ``caption`` what the numbers are (Markdown, with `code` spans).
+
+    ``best_of`` maps a display column to the data column of its value (higher is better): in
+    LaTeX the best cells of that column are bold, per setting where ``data`` has one.
+    ``latex_cells`` replaces a display column's cells in LaTeX where they say more there (a
+    gain with its verdict), so the Markdown stays as it is.
+    """
+
     data: pd.DataFrame
     display: pd.DataFrame
     caption: str
+    best_of: dict[str, str] = field(default_factory=dict)
+    latex_cells: dict[str, list[str]] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         return f"{to_markdown(self.display)}\n\n_{self.caption}_"
 
+    def latex_rows(self) -> list[list[str]]:
+        """The LaTeX table's cells as plain text, before escaping: the display's, with
+        :attr:`latex_cells` in place of their columns."""
+        columns = {c: self.latex_cells.get(c) or [cell_text(v) for v in self.display[c]]
+                   for c in self.display.columns}
+        return [[columns[c][i] for c in self.display.columns] for i in range(len(self.display))]
+
+    def bold(self) -> list[list[bool]]:
+        """Per row and display column, whether LaTeX sets the cell in bold (:attr:`best_of`)."""
+        groups = self.data["setting"].tolist() if "setting" in self.data else None
+        best = {column: latex.best_cells(self.data[value], groups, DIGITS)
+                for column, value in self.best_of.items()
+                if column in self.display and value in self.data}
+        return latex.bold_grid(list(self.display.columns), best, len(self.display))
+
+    def to_latex(self, stem: str) -> str:
+        """A booktabs ``table`` float: the caption, ``\\label{tab:<stem>}`` and the tabular."""
+        bold = self.bold()
+        caption = self.caption
+        if any(any(row) for row in bold):
+            where = " within a setting" if "setting" in self.data else ""
+            caption += (f" Bold: the highest mean of a column{where} at the digits shown "
+                        f"(ties all bold).")
+        align = "".join("r" if _numeric(self.display[c]) or c in self.best_of else "l"
+                        for c in self.display.columns)
+        body = latex.tabular([cell_text(c) for c in self.display.columns], self.latex_rows(),
+                             align, bold)
+        return latex.table_float(body, caption, latex.label_of(stem)) + "\n"
+
     def save(self, folder: str | Path, stem: str) -> tuple[Path, Path]:
-        """Write ``stem.csv`` (the numbers) and ``stem.md`` (table and caption)."""
+        """Write ``stem.csv`` (the numbers), ``stem.md`` (table and caption) and ``stem.tex``
+        (booktabs LaTeX, :meth:`to_latex`); return the CSV and Markdown paths."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         csv, md = folder / f"{stem}.csv", folder / f"{stem}.md"
         self.data.to_csv(csv, index=False)
         md.write_text(self.to_markdown() + "\n")
+        (folder / f"{stem}.tex").write_text(self.to_latex(stem), encoding="utf-8")
         return csv, md
 
 

@@ -3,7 +3,8 @@
 Layout of the output folder::
 
     report.md                 the report
-    tables/*.csv, *.md        every table (numbers as CSV, formatted as Markdown)
+    tables/*.csv, *.md, *.tex every table (numbers as CSV, formatted as Markdown and as a
+                              booktabs LaTeX table, see :mod:`analysis.latex`)
     figures/*.png             curves, gain heat maps, inertia heat maps
 
 Rows are methods (algorithm, its knobs, hand-out; see :mod:`analysis.methods`), and gains and
@@ -261,6 +262,10 @@ def build_report(paths: str | Path | Sequence[str | Path], out: str | Path | Non
               "## Files", "",
               "Every table is also in `tables/` as CSV (numbers) and Markdown: " +
               ", ".join(f"[{p.name}]({_link(p, out)})" for p in sorted(table_dir.glob("*.csv"))),
+              "",
+              "The same tables as booktabs LaTeX, each a `table` with its caption and a label "
+              "(`tab:final`, `tab:paired`, ...) for `\\input` (needs `\\usepackage{booktabs}`): " +
+              ", ".join(f"[{p.name}]({_link(p, out)})" for p in sorted(table_dir.glob("*.tex"))),
               ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

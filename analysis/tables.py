@@ -1,7 +1,8 @@
-"""Paper-style tables from the ``runs`` frame, exported as Markdown and CSV.
+"""Paper-style tables from the ``runs`` frame, exported as Markdown, CSV and LaTeX.
 
 Every table is a :class:`Table`: ``data`` holds the numbers (for CSV and further pandas work),
-``display`` the formatted strings (for Markdown), ``caption`` says what the numbers are.
+``display`` the formatted strings (for Markdown and LaTeX), ``caption`` says what the numbers
+are. In LaTeX the best mean of each accuracy column is bold and a gain names its verdict.
 
 Tables have one row per method and setting; a method is named by its full label (the
 ``method`` column, see :mod:`analysis.methods`), so rows that differ in any knob look different.
@@ -120,11 +121,20 @@ def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool =
                f"(p >= {alpha} or fewer than {min_seeds} paired seeds). Fine-tune: "
                f"acc_finetune keeps the BN statistics fine-tuning left, acc_finetune_bnrecal "
                f"recomputes them on the client's data.")
-    return Table(data=data, display=_final_display(data, column, display_cols), caption=caption)
+    best_of = {ft.removesuffix("_mean"): ft for ft in FINETUNE_COLUMNS}
+    if column.startswith("acc_"):  # higher is better: an accuracy, not any runs column
+        best_of = {column: f"{column}_mean", **best_of}
+    return Table(data=data, display=_final_display(data, column, display_cols), caption=caption,
+                 best_of=best_of, latex_cells={"gain": gain_cells(data, name_verdict=True)})
 
 
-def gain_text(gain: float, verdict: object, baseline: object, baseline_seeds: int = 1) -> str:
-    """A gain cell: '-' for a baseline or a missing value, 'n/a (no X)' when X was not run."""
+def gain_text(gain: float, verdict: object, baseline: object, baseline_seeds: int = 1,
+              name_verdict: bool = False) -> str:
+    """A gain cell: '-' for a baseline or a missing value, 'n/a (no X)' when X was not run.
+
+    A gain the paired test does not support says '(within noise)'; ``name_verdict`` names a
+    supported one too: '+0.031 (gain)', '-0.020 (loss)'.
+    """
     if not isinstance(baseline, str):
         return "-"
     if not baseline_seeds:
@@ -132,7 +142,15 @@ def gain_text(gain: float, verdict: object, baseline: object, baseline_seeds: in
     if gain is None or not np.isfinite(gain):
         return "-"
     text = f"{gain:+.3f}"
-    return text if verdict in ("gain", "loss") else f"{text} (within noise)"
+    if verdict in ("gain", "loss"):
+        return f"{text} ({verdict})" if name_verdict else text
+    return f"{text} (within noise)"
+
+
+def gain_cells(data: pd.DataFrame, name_verdict: bool = False) -> list[str]:
+    """:func:`gain_text` of every row of a final (or best) table's data."""
+    return [gain_text(g, v, b, n, name_verdict) for g, v, b, n in zip(
+        data["gain"], data["verdict"], data["baseline"], data["baseline_seeds"], strict=True)]
 
 
 def _final_display(data: pd.DataFrame, column: str, display_cols: list[str]) -> pd.DataFrame:
@@ -142,8 +160,7 @@ def _final_display(data: pd.DataFrame, column: str, display_cols: list[str]) -> 
     shown[column] = [mean_std(m, s, n) for m, s, n in zip(
         data[f"{column}_mean"], data[f"{column}_std"], data["seeds"], strict=True)]
     shown["baseline"] = [b if isinstance(b, str) else "-" for b in data["baseline"]]
-    shown["gain"] = [gain_text(g, v, b, n) for g, v, b, n in zip(
-        data["gain"], data["verdict"], data["baseline"], data["baseline_seeds"], strict=True)]
+    shown["gain"] = gain_cells(data)
     for ft in FINETUNE_COLUMNS:
         name = ft.removesuffix("_mean")
         shown[name] = [mean_std(m, s, n) for m, s, n in zip(
@@ -194,16 +211,16 @@ def best_table(final: Table) -> Table:
         "best method": best["method"],
         column: [mean_std(m, s, n) for m, s, n in zip(
             best[mean_col], best[f"{column}_std"], best["seeds"], strict=True)],
-        "gain": [gain_text(g, v, b, n) for g, v, b, n in zip(
-            best["gain"], best["verdict"], best["baseline"], best["baseline_seeds"],
-            strict=True)],
+        "gain": gain_cells(best),
         "n": best["seeds"].astype(int),
         "methods tried": best["candidates"].astype(int),
     })
     caption = ("Per setting and baseline, the compared method with the highest mean final "
                "value. The best of several methods is chosen on the same seeds it is scored "
                "on, so its gain is optimistic.")
-    return Table(best, shown, caption)
+    best_of = {column: mean_col} if column.startswith("acc_") else {}
+    return Table(best, shown, caption, best_of=best_of,
+                 latex_cells={"gain": gain_cells(best, name_verdict=True)})
 
 
 def gain_grid(final: Table, setting: str, base: str | None = None) -> pd.DataFrame:

@@ -78,6 +78,19 @@ def test_every_link_points_at_a_file_and_every_figure_is_linked(built):
     assert "acc_global_window_mean" in final and "acc_finetune_bnrecal_mean" in final
 
 
+def test_every_table_is_written_as_csv_markdown_and_latex_and_linked(built):
+    tables = built.parent / "tables"
+    stems = {"final", "paired", "best", "runs", "not_finished"}
+    for suffix in (".csv", ".md", ".tex"):
+        assert {p.stem for p in tables.glob(f"*{suffix}")} == stems, suffix
+    files = _section(built.read_text(), "Files")
+    assert {link for link in LINK.findall(files) if link.endswith(".tex")} == {
+        f"tables/{stem}.tex" for stem in stems}
+    final = (tables / "final.tex").read_text()
+    assert final.startswith("\\begin{table}") and "\\label{tab:final}" in final
+    assert "\\toprule" in final and "$\\pm$" in final and "\\textbf{" in final
+
+
 def test_unfinished_runs_are_listed_with_their_reason(built):
     section = _section(built.read_text(), "Runs not finished")
     rows = [line for line in section.splitlines() if line.startswith("| trial_")]

@@ -331,3 +331,38 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
                 )
             )
     return groups
+
+
+def classifier_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's classifier: its last ``nn.Linear`` in module order (``fc`` of the ResNets,
+    ``classifier`` of VGG and SmallCNN), with its module name.
+
+    The rule for every model, a user's included: the classifier's input is the model's
+    *representation* (MOON's contrastive loss reads it) and the classifier's parameters are its
+    *head* (FedRep, FedBABU); everything else is the *body*. A model whose last ``nn.Linear``
+    is not the layer that maps the representation to the logits must be written so that it is.
+    """
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        from ray_lips.config import ConfigError
+
+        raise ConfigError(f"model: {type(model).__name__} has no nn.Linear classifier, so no "
+                          "head and no representation (the algorithm needs them)")
+    return found[-1]
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """The head's parameters: those of :func:`classifier_layer`."""
+    name, layer = classifier_layer(model)
+    return [f"{name}.{p}" if name else p for p, _ in layer.named_parameters(recurse=False)]
+
+
+def batchnorm_entry_names(model: nn.Module) -> list[str]:
+    """Every state entry of every BatchNorm layer: weight, bias, running mean and variance and
+    the batch counter."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, _ANY_BN):
+            prefix = f"{module_name}." if module_name else ""
+            names += [prefix + k for k in module.state_dict()]
+    return names

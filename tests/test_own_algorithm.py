@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from ray_lips.algorithms import registry
 from ray_lips.config import ConfigError, validate_config
 from ray_lips.config.checks import check_config
 
@@ -89,7 +90,7 @@ def test_the_schema_keeps_an_import_path_and_its_section_without_importing():
     with pytest.raises(ConfigError, match=r"^invalid config: mine: unknown key$"):
         validate_config(_config(algorithm="fedavg", mine={"knob": 3}))
     with pytest.raises(ConfigError, match=r"algorithm: unknown algorithm 'fedsgd'; choose one of "
-                                          r"fedavg, fedprox, scaffold, fedper, ditto, local"):
+                                          + ", ".join(registry.names())):
         validate_config(_config(algorithm="fedsgd"))
 
 

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from ray_lips.training.spec import Correction, LocalResult, LocalSettings
+from ray_lips.training.spec import (
+    Correction,
+    LocalResult,
+    LocalSettings,
+    LossTerm,
+    Phase,
+    TermBatch,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +51,8 @@ Tensors = Mapping[str, "torch.Tensor"]
 MODEL = "model"  # the part every global-model algorithm aggregates: the clients' trained models
 
 __all__ = ["MODEL", "Algorithm", "AlgorithmOptions", "ClientRound", "ClientUpdate",
-           "ClientView", "Correction", "LocalResult", "LocalSettings", "Tensors", "TrainJob",
-           "Trained", "Trainer"]
+           "ClientView", "Correction", "LocalResult", "LocalSettings", "LossTerm", "Phase",
+           "Tensors", "TermBatch", "TrainJob", "Trained", "Trainer"]
 
 
 class AlgorithmOptions(BaseModel):
@@ -57,7 +64,13 @@ class AlgorithmOptions(BaseModel):
 @dataclass(frozen=True)
 class TrainJob:
     """One client's local training: where it starts, what corrects its gradient, and what the
-    algorithm asks of it beyond the run's local training."""
+    algorithm asks of it beyond the run's local training.
+
+    ``loss_term`` and ``phases`` are the seams of local objectives that are not a gradient
+    correction (a loss on outputs or representations; training some parameters in some
+    epochs). Batched groups train phases (the jobs of a group share them, as their stream and
+    epochs); a job with a loss term trains one client at a time (:attr:`one_at_a_time`).
+    """
 
     client: int
     start: Tensors
@@ -65,6 +78,13 @@ class TrainJob:
     stream: str = "local"  # its random stream of batch order and augmentation: or "personal"
     epochs: int | None = None  # None: the run's train.local_epochs
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient comes back
+    loss_term: LossTerm | None = None  # added to the cross-entropy at every step
+    phases: tuple[Phase, ...] = ()  # given: these phases in place of ``epochs`` of everything
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether the job needs the one-at-a-time path (batched groups have no loss term)."""
+        return self.loss_term is not None
 
 
 @dataclass
@@ -109,11 +129,13 @@ class ClientRound(ClientView):
     population_weight: int  # training samples of all clients
     evaluate: bool  # score each trained model on its client's test set (acc_before)
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient the hand-out keeps
+    class_counts: Callable[[int], tuple[int, ...]] | None = None  # a client's training labels
 
-    def job(self, client: int, start: Tensors,
-            correction: Correction | None = None) -> TrainJob:
+    def job(self, client: int, start: Tensors, correction: Correction | None = None,
+            loss_term: LossTerm | None = None, phases: tuple[Phase, ...] = ()) -> TrainJob:
         """The round's training of ``client`` (with the gradients the hand-out needs)."""
-        return TrainJob(client, start, correction, remember=self.remember)
+        return TrainJob(client, start, correction, remember=self.remember,
+                        loss_term=loss_term, phases=phases)
 
 
 @dataclass
@@ -133,6 +155,12 @@ class Algorithm:
     A subclass sets ``name`` (the config's ``algorithm`` value and the name of its section),
     and may set ``Options`` (its section), ``label``, ``has_global_model``,
     ``sparse_handout``, ``client_slots`` and ``order``.
+
+    Local entries: a subclass that sets ``self.local`` (state-dict names, in ``__init__``) and
+    ``local_slot`` (one of its ``client_slots``) keeps those entries on the client: they are
+    never sent to the server, each client's trained values are kept in its store and laid over
+    the model it is handed, for where it starts training and for the model it holds. The global
+    model's copy of them is never aggregated: it stays at its initial value.
     """
 
     name: ClassVar[str]
@@ -140,8 +168,10 @@ class Algorithm:
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions  # its config section
     has_global_model: ClassVar[bool] = True  # False: acc_global and acc_test are NaN
     sparse_handout: ClassVar[bool] = True  # whether LIPS's hand-out may be composed with it
+    sparse_handout_conflict: ClassVar[str] = ""  # why not, when it may not (for the error)
     client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots its clients keep
     order: ClassVar[int] = 100  # its place in lists, tables and figures (then by name)
+    local_slot: ClassVar[str] = ""  # the client-state slot of its local entries, if any
 
     def __init__(self, options: AlgorithmOptions, settings: LocalSettings, model: nn.Module):
         """``options``: its section; ``settings``: the run's local training; ``model``: the
@@ -149,6 +179,7 @@ class Algorithm:
         self.options = options
         self.settings = settings
         self.parameter_names = [name for name, _ in model.named_parameters()]
+        self.local: frozenset[str] = frozenset()  # state entries that never leave a client
 
     # ----- server side --------------------------------------------------------------------
     def init_server_state(self, global_state: Tensors) -> dict[str, torch.Tensor]:
@@ -176,8 +207,9 @@ class Algorithm:
         return [self.update(round, job, trained) for job, trained in zip(jobs, done, strict=True)]
 
     def start_state(self, round: ClientRound, client: int) -> Tensors:
-        """Where ``client``'s local training starts: the model it was handed."""
-        return round.handed(client)
+        """Where ``client``'s local training starts: the model it was handed (with its local
+        entries laid over it)."""
+        return self.held_state(round, client) if self.local else round.handed(client)
 
     def correction(self, round: ClientRound, client: int, start: Tensors) -> Correction | None:
         """The gradient correction of ``client``'s local objective (none for FedAvg)."""
@@ -186,15 +218,24 @@ class Algorithm:
     def update(self, round: ClientRound, job: TrainJob, trained: Trained) -> ClientUpdate:
         """What one trained client returns: its model, weighted by its share of the samples."""
         weight = round.samples(job.client) / round.total_weight
+        if self.local:
+            round.store.put(job.client, self.local_slot,
+                            {k: v for k, v in trained.state.items() if k in self.local})
         return ClientUpdate(job.client, trained.result.loss,
                             {MODEL: (self.shared(trained.state), weight)},
                             trained.result.last_grads, trained.accuracy)
 
     def shared(self, state: Tensors) -> Tensors:
-        """The entries of a client's model that go to the server (all; FedPer keeps its
-        head)."""
-        return state
+        """The entries of a client's model that go to the server: all but its local ones."""
+        if not self.local:
+            return state
+        return {k: v for k, v in state.items() if k not in self.local}
 
     def held_state(self, view: ClientView, client: int) -> Tensors:
-        """The model ``client`` holds between rounds: what it was handed."""
-        return view.handed(client)
+        """The model ``client`` holds between rounds: what it was handed, with its local
+        entries (once it has trained) laid over it."""
+        kept = view.store.get(client, self.local_slot) if self.local else None
+        handed = view.handed(client)
+        if kept is None:
+            return handed
+        return {**handed, **{k: v.to(handed[k].device) for k, v in kept.items()}}  # spilled: CPU

@@ -174,7 +174,7 @@ class ClientPool:
         self.serial = SerialTrainer(self.model, self.shards, settings, self.norm, cfg.seed,
                                     self.stopwatch)
         self.trainer = (GroupTrainer(self.model, self.shards, settings, self.norm, cfg.seed,
-                                     self.group_size, self.stopwatch)
+                                     self.group_size, self.stopwatch, fallback=self.serial)
                         if self.batched else self.serial)
 
     # ----- what the algorithm's client side sees --------------------------------------------
@@ -196,7 +196,12 @@ class ClientPool:
             round_idx=request.round_idx, message=message, trainer=self.trainer,
             samples=self.samples, total_weight=request.total_weight,
             population_weight=request.population_weight, evaluate=request.evaluate,
-            remember=tuple(self.handout_step.remember or ()))
+            remember=tuple(self.handout_step.remember or ()), class_counts=self.class_counts)
+
+    def class_counts(self, client: int) -> tuple[int, ...]:
+        """How many training samples of each class ``client`` holds."""
+        labels = self.shards[client].y_train.cpu()
+        return tuple(torch.bincount(labels, minlength=self.num_classes).tolist())
 
     # ----- the driver's calls ---------------------------------------------------------------
     def clients(self) -> list[int]:

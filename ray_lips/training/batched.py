@@ -43,6 +43,7 @@ from ray_lips.training.local import (
     LocalResult,
     LocalSettings,
     Normalisation,
+    Phase,
     precision_autocast,
 )
 
@@ -209,50 +210,74 @@ class ClientGroup:
               norm: Normalisation, batch_gens: Sequence[torch.Generator],
               augment_gens: Sequence[torch.Generator],
               remember: list[str] | None = None,
-              corrections: Sequence[Correction | None] | None = None) -> list[LocalResult]:
+              corrections: Sequence[Correction | None] | None = None,
+              phases: Sequence[Phase] = ()) -> list[LocalResult]:
         """Train the loaded clients on ``x`` (G, n, ...) / ``y`` (G, n) like ``local_train``,
-        client k with ``corrections[k]`` added to its gradients."""
+        client k with ``corrections[k]`` added to its gradients, every client through the
+        same ``phases`` (see ``local_train``)."""
         g, n = y.shape
         if g != self.clients:
             raise ValueError(f"expected data of {self.clients} clients, got {g}")
         params = list(self.wide.parameters())
+        named = dict(self.wide.named_parameters())
         correct = self._wide_correction(corrections)
-        sgd = _SlotwiseSGD(params, settings.lr, settings.momentum, settings.weight_decay)
+        plan = list(phases) or [Phase(settings.epochs)]
+        wanted = [p.requires_grad for p in params]  # restored afterwards
         self.wide.train()
         x_flat, y_flat = x.reshape(g * n, *x.shape[2:]), y.reshape(g * n)
         offsets = torch.arange(g, device=self.device)[:, None] * n  # client k's rows start at k*n
         total_loss = torch.zeros(g, device=self.device)
         last_grads = None
-        for epoch in range(settings.epochs):
-            order = torch.stack([torch.randperm(n, generator=gen) for gen in batch_gens])
-            order = order.to(self.device)
-            for start in range(0, n, settings.batch_size):
-                idx = (order[:, start:start + settings.batch_size] + offsets).reshape(-1)
-                inputs = self._inputs(x_flat.index_select(0, idx), norm, augment_gens)
-                targets = y_flat.index_select(0, idx).reshape(g, -1)  # (G, B)
-                for p in params:
-                    p.grad = None
-                with precision_autocast(self.device, settings.precision):
-                    logits = self.wide(inputs)  # (B, G * classes)
-                    losses = _client_losses(logits, targets)
-                losses.sum().backward()
-                if correct is not None:
-                    correct()
-                if settings.grad_clip is not None:
-                    _clip_per_client(params, g, settings.grad_clip)
-                if epoch == settings.epochs - 1 and start + settings.batch_size >= n and remember:
-                    last_grads = {name: self.tensors[name].grad.detach()
-                                  .reshape(g, *self.shapes[name]).to(torch.float16)
-                                  for name in remember}
-                sgd.step()
-                total_loss += losses.detach().float()
-                self.steps += 1
+        try:
+            for number, phase in enumerate(plan):
+                trained = params if phase.trainable is None else [
+                    named[name] for name in phase.trainable]
+                if phases:
+                    keep = set(map(id, trained))
+                    for param in params:
+                        param.requires_grad_(id(param) in keep)
+                sgd = _SlotwiseSGD(trained, settings.lr, settings.momentum,
+                                   settings.weight_decay)
+                final = number == len(plan) - 1
+                for epoch in range(phase.epochs):
+                    order = torch.stack([torch.randperm(n, generator=gen) for gen in batch_gens])
+                    order = order.to(self.device)
+                    for start in range(0, n, settings.batch_size):
+                        idx = (order[:, start:start + settings.batch_size] + offsets).reshape(-1)
+                        inputs = self._inputs(x_flat.index_select(0, idx), norm, augment_gens)
+                        targets = y_flat.index_select(0, idx).reshape(g, -1)  # (G, B)
+                        for p in params:
+                            p.grad = None
+                        with precision_autocast(self.device, settings.precision):
+                            logits = self.wide(inputs)  # (B, G * classes)
+                            losses = _client_losses(logits, targets)
+                        losses.sum().backward()
+                        if correct is not None:
+                            correct()
+                        if settings.grad_clip is not None:
+                            _clip_per_client(params, g, settings.grad_clip)
+                        if (final and epoch == phase.epochs - 1
+                                and start + settings.batch_size >= n and remember):
+                            last_grads = {name: self._last_grad(name) for name in remember}
+                        sgd.step()
+                        total_loss += losses.detach().float()
+                        self.steps += 1
+        finally:
+            if phases:
+                for param, flag in zip(params, wanted, strict=True):
+                    param.requires_grad_(flag)
         steps = self.steps
         losses_out = (total_loss / max(steps, 1)).tolist()
         return [LocalResult(loss=losses_out[k], steps=steps,
                             last_grads=None if last_grads is None else
                             {name: t[k].clone() for name, t in last_grads.items()})
                 for k in range(g)]
+
+    def _last_grad(self, name: str) -> torch.Tensor:
+        """(G, ...) fp16 gradient of ``name`` (zeros where this phase does not train it)."""
+        tensor = self.tensors[name]
+        grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+        return grad.detach().reshape(self.clients, *self.shapes[name]).to(torch.float16)
 
     def _wide_correction(self, corrections: Sequence[Correction | None] | None):
         """The clients' gradient corrections as one in-place update of the wide gradients
@@ -284,15 +309,17 @@ class ClientGroup:
 
         @torch.no_grad()
         def apply() -> None:
-            if with_anchor:
-                grads = [named[n].grad for n in with_anchor]
-                pulls = torch._foreach_sub([named[n] for n in with_anchor],
-                                           [anchors[n] for n in with_anchor])
+            anchored = [n for n in with_anchor if named[n].grad is not None]  # not frozen
+            offset = [n for n in with_offset if named[n].grad is not None]
+            if anchored:
+                grads = [named[n].grad for n in anchored]
+                pulls = torch._foreach_sub([named[n] for n in anchored],
+                                           [anchors[n] for n in anchored])
                 torch._foreach_mul_(pulls, coef)
                 torch._foreach_add_(grads, pulls)
-            if with_offset:
-                torch._foreach_add_([named[n].grad for n in with_offset],
-                                    [offsets[n] for n in with_offset])
+            if offset:
+                torch._foreach_add_([named[n].grad for n in offset],
+                                    [offsets[n] for n in offset])
 
         return apply
 

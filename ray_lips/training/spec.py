@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -60,3 +60,38 @@ class LocalResult:
     loss: float                                # mean training loss over all local steps
     steps: int
     last_grads: dict[str, torch.Tensor] | None  # fp16 gradients of the last mini-batch
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a client's local training: ``epochs`` epochs in which only the parameters
+    named in ``trainable`` train (None: all). Frozen parameters get no gradient, no weight
+    decay and no momentum (each phase has a fresh optimiser over its trainable parameters);
+    BatchNorm statistics still follow the batches, as in any training-mode pass."""
+
+    epochs: int
+    trainable: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TermBatch:
+    """What a :class:`LossTerm` sees of one training step: the (normalised, augmented) inputs,
+    their labels, the model's logits and its representation of them (the classifier's input,
+    see :func:`ray_lips.models.classifier_layer`), and ``represent(state)``: the
+    representation of the same inputs by another model of the architecture (a state dict),
+    frozen: in eval mode, without gradient."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor
+    features: torch.Tensor
+    represent: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class LossTerm(Protocol):
+    """A term an algorithm adds to a client's cross-entropy loss at every local step (MOON's
+    contrastive loss); it returns a scalar tensor that gradients flow through. A term with an
+    attribute ``replaces_cross_entropy = True`` is the step's whole loss instead (FedRoD's
+    balanced softmax)."""
+
+    def __call__(self, batch: TermBatch) -> torch.Tensor: ...

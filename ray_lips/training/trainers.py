@@ -7,6 +7,7 @@ run's local training (a random stream, other epochs, gradients to remember) is o
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -92,7 +93,8 @@ class SerialTrainer:
                 result = local_train(self.model, shard.x_train, shard.y_train,
                                      _settings(self.settings, job), self.norm,
                                      batch_gen=batch_gen, augment_gen=augment_gen,
-                                     remember=list(job.remember), correction=job.correction)
+                                     remember=list(job.remember), correction=job.correction,
+                                     loss_term=job.loss_term, phases=job.phases)
             acc = None
             if evaluate:
                 with self.timed("evaluate"):
@@ -117,14 +119,20 @@ class SerialTrainer:
 class GroupTrainer:
     """Groups of up to ``group_size`` clients with equal train and test sizes, trained at once;
     every group has exactly ``group_size`` slots, a short one padded with throw-away copies of
-    its first job, so a client's numbers do not depend on who shares its group."""
+    its first job, so a client's numbers do not depend on who shares its group.
+
+    A job with a seam batched groups do not have (a loss term:
+    :attr:`TrainJob.one_at_a_time`) is trained one at a time by ``fallback`` (the pool's
+    :class:`SerialTrainer` on the same model), and the pool says so once."""
 
     def __init__(self, model: nn.Module, shards: Mapping[int, ClientShard],
                  settings: LocalSettings, norm: Normalisation, seed: int, group_size: int,
-                 stopwatch: Stopwatch):
+                 stopwatch: Stopwatch, fallback: SerialTrainer | None = None):
         self.model, self.shards, self.settings = model, shards, settings
         self.norm, self.seed, self.group_size, self.timed = norm, seed, group_size, stopwatch
         self._group: ClientGroup | None = None
+        self.fallback = fallback or SerialTrainer(model, shards, settings, norm, seed, stopwatch)
+        self._said_serial = False
 
     @property
     def group(self) -> ClientGroup:
@@ -139,11 +147,28 @@ class GroupTrainer:
 
     def train(self, jobs: list[TrainJob], round_idx: int,
               evaluate: bool = False) -> list[Trained]:
+        serial = [job for job in jobs if job.one_at_a_time]
+        if not serial:
+            return self._train_group(jobs, round_idx, evaluate)
+        if not self._said_serial:
+            self._said_serial = True
+            warnings.warn("train.batched: this algorithm's local objective (a loss term) has "
+                          "no batched form; its clients train one at a time", stacklevel=2)
+        done = {id(job): trained for job, trained in
+                zip(serial, self.fallback.train(serial, round_idx, evaluate), strict=True)}
+        grouped = [job for job in jobs if not job.one_at_a_time]
+        if grouped:
+            done |= {id(job): trained for job, trained in
+                     zip(grouped, self._train_group(grouped, round_idx, evaluate), strict=True)}
+        return [done[id(job)] for job in jobs]
+
+    def _train_group(self, jobs: list[TrainJob], round_idx: int,
+                     evaluate: bool) -> list[Trained]:
         slots = self._padded(jobs)
         first = jobs[0]
-        if any((j.stream, j.epochs, j.remember) != (first.stream, first.epochs, first.remember)
-               for j in jobs):
-            raise ValueError("the jobs of a batched group need one stream, epochs and "
+        if any((j.stream, j.epochs, j.remember, j.phases)
+               != (first.stream, first.epochs, first.remember, first.phases) for j in jobs):
+            raise ValueError("the jobs of a batched group need one stream, epochs, phases and "
                              "remembered parameters")
         shards = [self.shards[j.client] for j in slots]
         group = self.group
@@ -156,7 +181,8 @@ class GroupTrainer:
                                   batch_gens=[g[0] for g in gens],
                                   augment_gens=[g[1] for g in gens],
                                   remember=list(first.remember),
-                                  corrections=[j.correction for j in slots])
+                                  corrections=[j.correction for j in slots],
+                                  phases=first.phases)
         accs: list[float | None] = [None] * len(slots)
         if evaluate:
             with self.timed("evaluate"):

@@ -28,6 +28,8 @@ from analysis.tables import gain_grid, lips_bases
 
 ELIGIBLE_COLOUR = "tab:red"
 FEDAVG_COLOUR = "black"
+SPARSE_COLOUR = "tab:red"
+SPARSE_LABEL = "sparse hand-out"
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -193,16 +195,28 @@ def _is_fedavg_panel(name: str) -> bool:
     return name == "fedavg" or name.startswith("fedavg (")
 
 
+def sparse_rounds(rounds: pd.DataFrame) -> list[int]:
+    """The rounds whose hand-out was sparse (``density`` < 1) in the given rows of a LIPS
+    run's ``rounds.parquet`` (of several runs: in any of them), in order."""
+    if rounds.empty or "density" not in rounds:
+        return []
+    return sorted({int(r) for r in rounds.loc[rounds["density"] < 1.0, "round"]})
+
+
 def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
-                          title: str = "") -> Figure:
+                          title: str = "",
+                          sparse: Mapping[str, Sequence[int]] | None = None) -> Figure:
     """Heat maps of ``rel_update`` (layer x round, shared log colour scale), side by side.
 
     ``panels`` are (title, layers rows) pairs, e.g. FedAvg and LIPS; more than
     :data:`INERTIA_COLUMNS` wrap onto further rows. Eligible (sparsified) layers are starred and
     coloured on the y axis (labelled on the first panel of a row, and on any panel whose layers
     differ from the first panel's). Below, the mean ``rel_update`` of the eligible layers per
-    round, one line per panel (FedAvg black, LIPS hand-outs dashed).
+    round, one line per panel (FedAvg black, LIPS hand-outs dashed). ``sparse`` (panel title ->
+    rounds) marks the rounds whose hand-out was sparse: a red triangle above the panel's heat
+    map and a dot on its line below, both labelled :data:`SPARSE_LABEL`.
     """
+    sparse = sparse or {}
     matrices = [(name, inertia_matrix(rows) if not rows.empty else None) for name, rows in panels]
     values = np.concatenate([m.to_numpy(dtype=float).ravel() for _, m in matrices
                              if m is not None] or [np.array([])])
@@ -245,6 +259,11 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
         else:
             ax.set_yticks(range(len(matrix)))
             ax.tick_params(labelleft=False)
+        shown = set(rounds.tolist())
+        marked = [r for r in sparse.get(name, ()) if r in shown]
+        if marked:
+            ax.plot(marked, [-0.5] * len(marked), ls="none", marker="v", ms=5,
+                    color=SPARSE_COLOUR, clip_on=False, label=SPARSE_LABEL)
     if image is not None:
         fig.colorbar(image, cax=fig.add_subplot(spec[:nrows, ncols]),
                      label="relative update ||Δw|| / ||w|| (log)")
@@ -257,8 +276,14 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
         eligible = matrix[matrix.index.get_level_values("eligible").astype(bool)]
         rows = eligible if len(eligible) else matrix
         colour = FEDAVG_COLOUR if _is_fedavg_panel(name) else colours[name]
-        line_ax.plot(matrix.columns, rows.mean(axis=0), lw=1.4, label=name, color=colour,
+        mean = rows.mean(axis=0)
+        line_ax.plot(matrix.columns, mean, lw=1.4, label=name, color=colour,
                      ls=_style(name.split(" (")[0]))
+        marked = [r for r in sparse.get(name, ()) if r in mean.index]
+        if marked:
+            line_ax.plot(marked, mean.loc[marked].to_numpy(), ls="none", marker="o", ms=4,
+                         color=colour, markeredgecolor=SPARSE_COLOUR,
+                         label=f"{name}: {SPARSE_LABEL}")
     line_ax.set_yscale("log")
     line_ax.set_xlabel("round")
     line_ax.set_ylabel("mean rel. update,\neligible layers", fontsize=8)
@@ -271,35 +296,48 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
 
 def inertia_figure(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """The inertia figure of the given runs (e.g. FedAvg and LIPS of one comparison), as PNG."""
-    frames = load(list(run_dirs), tables=("layers",))
-    panels = []
+    frames = load(list(run_dirs), tables=("layers", "rounds"))
+    panels, sparse = [], {}
     for run_dir in run_dirs:  # in the order given; a folder of runs contributes each of them
         root = Path(run_dir).expanduser().resolve()
         below = [Path(p) == root or root in Path(p).parents for p in frames.runs["path"]]
         for _, run in frames.runs[below].iterrows():
             rows = frames.layers[frames.layers["run_id"] == run["run_id"]]
-            panels.append((f"{run['method']} (seed {run.get('seed')})", rows))
+            name = f"{run['method']} (seed {run.get('seed')})"
+            panels.append((name, rows))
+            if run.get("handout") == "lips":
+                sparse[name] = sparse_rounds(
+                    frames.rounds[frames.rounds["run_id"] == run["run_id"]])
     settings = sorted(frames.runs["setting"].unique())
     title = f"Layer-wise inertia: {'; '.join(settings)}"
-    return save(inertia_panels_figure(panels, title), out)
+    return save(inertia_panels_figure(panels, title, sparse), out)
 
 
 def setting_inertia_figure(layers: pd.DataFrame, setting: str,
                            methods: Sequence[str] | None = None,
-                           statuses: Sequence[str] = ("finished",)) -> Figure | None:
+                           statuses: Sequence[str] = ("finished",),
+                           rounds: pd.DataFrame | None = None) -> Figure | None:
     """The methods of one setting side by side (all of them unless ``methods`` picks some),
-    ``rel_update`` averaged over seeds; methods without layer metrics have no panel."""
+    ``rel_update`` averaged over seeds; methods without layer metrics have no panel. Given
+    the ``rounds`` frame, a LIPS method's panel marks the rounds whose hand-out was sparse in
+    any of its seeds (the same rounds in every seed for a periodic schedule)."""
     rows = layers[(layers["setting"] == setting) & layers["status"].isin(statuses)]
     if rows.empty:
         return None
     methods = _method_sort(methods if methods is not None else rows["method"].unique())
-    panels = []
+    panels, sparse = [], {}
     for method in methods:
         here = rows[rows["method"] == method]
         if here.empty or here["rel_update"].isna().all():
             continue
         seeds = here["seed"].nunique()
-        panels.append((f"{method} (mean of {seeds} seed{'s' if seeds != 1 else ''})", here))
+        name = f"{method} (mean of {seeds} seed{'s' if seeds != 1 else ''})"
+        panels.append((name, here))
+        if rounds is not None and not rounds.empty:
+            own = rounds[(rounds["setting"] == setting) & (rounds["method"] == method)
+                         & rounds["status"].isin(statuses)]
+            if not own.empty and "handout" in own and (own["handout"] == "lips").all():
+                sparse[name] = sparse_rounds(own)
     if not panels:
         return None
-    return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}")
+    return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}", sparse)

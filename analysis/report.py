@@ -317,7 +317,8 @@ def _figure_sections(frames: RunFrames, final: Table, metric: str, windowed: boo
     drawn = 0
     for setting, slug in slugs.items():
         methods = _inertia_methods(final, setting)
-        fig = figures.setting_inertia_figure(frames.layers, setting, methods)
+        fig = figures.setting_inertia_figure(frames.layers, setting, methods,
+                                             rounds=frames.rounds)
         if fig is None:
             continue
         path = figures.save(fig, fig_dir / f"inertia_{slug}.png")

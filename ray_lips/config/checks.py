@@ -79,9 +79,9 @@ def check_algorithm(cfg: ExperimentConfig) -> ExperimentConfig:
         raise ConfigError("; ".join(f"{key}: unknown key (the section of {cfg.algorithm!r} "
                                     f"is {cls.name!r})" for key in given))
     if cfg.handout == "lips" and not cls.sparse_handout:
+        why = cls.sparse_handout_conflict or "its class says sparse_handout = False"
         raise ConfigError(f"handout: 'lips' cannot be combined with algorithm: "
-                          f"{cfg.algorithm!r} (its class says sparse_handout = False); use "
-                          "handout: dense")
+                          f"{cfg.algorithm!r} ({why}); use handout: dense")
     options = options_of(cls, section)
     tree = {key: value for key, value in cfg.to_dict().items() if key not in cfg.model_extra}
     return ExperimentConfig.model_validate({**tree, cls.name: options.model_dump(mode="json")})

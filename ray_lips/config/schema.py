@@ -112,10 +112,31 @@ class TrainConfig(_Strict):
 
 
 class LipsConfig(_Strict):
+    """The LIPS hand-out's knobs. ``schedule`` picks when hand-outs are sparse and how sparse
+    (:mod:`ray_lips.algorithms.handouts.schedule`); ``step_round`` belongs to ``step``,
+    ``window``, ``trigger`` and ``min_gap`` to ``inertia`` (:mod:`ray_lips.core.inertia`)."""
+
     sparsity: float = Field(0.5, ge=0, lt=1)
     period: int = Field(5, ge=1)
-    schedule: Literal["linear", "constant"] = "linear"
+    schedule: Literal["linear", "constant", "cosine", "step", "inertia"] = "linear"
     scorer: Literal["sensitivity", "magnitude", "gradient", "random"] = "sensitivity"
+    step_round: int | None = Field(None, ge=1)  # step: first dense round (null: rounds // 2)
+    window: int = Field(3, ge=1)  # inertia: rounds averaged into the signal
+    trigger: float = Field(0.5, ge=0)  # inertia: sparse when signal < trigger x its reference
+    min_gap: int | None = Field(None, ge=1)  # inertia: rounds between sparse ones (null: period)
+
+    @property
+    def gap(self) -> int:
+        """The fewest rounds between two sparse hand-outs of the ``inertia`` schedule."""
+        return self.period if self.min_gap is None else self.min_gap
+
+    def check_rounds(self, rounds: int) -> None:
+        """The checks that need ``train.rounds``: ``step_round`` must fall inside the run (a
+        step at or after the last round is the ``constant`` schedule under another name)."""
+        if self.schedule == "step" and self.step_round is not None and self.step_round >= rounds:
+            raise ConfigError(f"lips.step_round: {self.step_round} is not before train.rounds "
+                             f"({rounds}), so every sparsity round would keep d0; use "
+                             "lips.schedule: constant, or a step_round < train.rounds")
 
 
 class ResourcesConfig(_Strict):
@@ -249,10 +270,13 @@ class ExperimentConfig(_AlgorithmSections):  # type: ignore[misc,valid-type]
     def _cross_checks(self) -> ExperimentConfig:
         builtin = registry.builtin().get(self.algorithm)
         if self.handout == "lips" and builtin is not None and not builtin.sparse_handout:
+            why = (builtin.sparse_handout_conflict
+                   or "LIPS sparsifies a global body each client is handed")
             raise ValueError(
-                f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} (LIPS "
-                "sparsifies a global model each client is handed; use "
-                f"{_either(registry.composable_with_lips())}, or handout: dense)")
+                f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} ({why}; "
+                f"use {_either(registry.composable_with_lips())}, or handout: dense)")
+        if self.handout == "lips":
+            self.lips.check_rounds(self.train.rounds)
         if self.resources.pools > self.data.clients:
             raise ValueError(
                 f"resources.pools: {self.resources.pools} pools for {self.data.clients} "
@@ -439,4 +463,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     what an override changed beyond its own key goes to ``notes``."""
     tree = read_yaml(path)
     tree.pop("sweep", None)  # a sweep spec is a run config plus a `sweep` section
-    return validate_config(apply_overrides(tree, overrides, notes))
+    tree = apply_overrides(tree, overrides, notes)
+    tree.pop("track", None)  # experiment trackers (ray_lips.tracking): not the experiment
+    return validate_config(tree)

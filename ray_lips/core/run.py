@@ -24,9 +24,10 @@ import torch
 
 from ray_lips.algorithms import build_algorithm, build_handout, client_slots
 from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS
+from ray_lips.algorithms.handouts.schedule import triggered_density
 from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.core.aggregate import FixedSum, add_sums, to_state
-from ray_lips.core.inertia import layer_metrics
+from ray_lips.core.inertia import InertiaTrigger, eligible_update, layer_metrics
 from ray_lips.core.run_folder import LAYERS_FILE, ROUNDS_FILE, RunWriter, check_run_folder, open_new
 from ray_lips.core.seeding import derive_seed, numpy_rng
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
@@ -177,6 +178,8 @@ class FederatedRun:
         self.round = 0
         self.rounds_rows: list[dict] = []
         self.layers_rows: list[dict] = []
+        self.updates: dict[int, float] = {}  # the inertia trigger's u(r), from layers_rows
+        self.last_sparse: int | None = None  # the last round whose hand-out was sparse
         self.elapsed = 0.0
         checkpoint = self.writer.load_checkpoint(client_slots=client_slots(cfg))
         if checkpoint is not None:
@@ -200,6 +203,9 @@ class FederatedRun:
         self.groups = layer_groups(model)
         self.algorithm = build_algorithm(cfg, model)
         self.handout = build_handout(cfg, eligible_parameter_names(model))
+        self.trigger = (InertiaTrigger(cfg.lips.window, cfg.lips.trigger, cfg.lips.gap,
+                                       cfg.train.inertia_ref_round)
+                        if cfg.handout == "lips" and cfg.lips.schedule == "inertia" else None)
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.server_state = self.algorithm.init_server_state(self.global_state)
         return payloads
@@ -210,8 +216,24 @@ class FederatedRun:
         return self.round >= self.cfg.train.rounds
 
     def density(self, round_idx: int) -> float:
-        """Density of the hand-out after round ``round_idx`` (1: dense)."""
+        """Density of the hand-out after round ``round_idx`` (1: dense) under a periodic
+        schedule; an inertia-triggered one is known only once the round is measured
+        (:meth:`_schedule`)."""
         return self.handout.density(round_idx)
+
+    def _schedule(self, round_idx: int, layers: list[dict]) -> tuple[float, float | None]:
+        """The density of this round's hand-out and, for ``lips.schedule: inertia``, the
+        trigger's ratio (None otherwise), given this round's layer rows."""
+        if self.trigger is None:
+            return self.density(round_idx), None
+        self.updates.update(eligible_update(layers))
+        ratio = self.trigger.ratio(self.updates, round_idx)
+        fired = self.trigger.fires(ratio, round_idx, self.last_sparse)
+        lips = self.cfg.lips
+        density = triggered_density(round_idx, self.cfg.train.rounds, lips.sparsity, fired)
+        if density < 1.0:
+            self.last_sparse = round_idx
+        return density, ratio
 
     def _split(self, clients: list[int]) -> list[list[int]]:
         chosen = set(clients)
@@ -256,17 +278,17 @@ class FederatedRun:
             self.algorithm.server_message(self.server_state))
         new_state, self.server_state = self.algorithm.aggregate(
             self.global_state, self._averages([t.sums for t in trained]), self.server_state)
-        density = self.density(r)
+        if r == cfg.train.inertia_ref_round:
+            self.ref_state = new_state
+        layers = (layer_metrics(r, self.groups, self.global_state, new_state, self.ref_state)
+                  if self.algorithm.has_global_model else [])
+        density, ratio = self._schedule(r, layers)
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
         handed = self.pools.handout(
             [HandoutRequest(r, density, c if evaluate else [], evaluate)
              for c in self._split(eval_clients)], new_state)
-        if r == cfg.train.inertia_ref_round:
-            self.ref_state = new_state
-        if self.algorithm.has_global_model:
-            self.layers_rows += layer_metrics(r, self.groups, self.global_state, new_state,
-                                              self.ref_state)
+        self.layers_rows += layers
         self.global_state = new_state
         train_rows = [row for t in trained for row in t.clients]
         eval_rows = [row for h in handed for row in h.clients]
@@ -275,7 +297,9 @@ class FederatedRun:
         nan = float("nan")
         acc_test = next((h.acc_test for h in handed if h.acc_test is not None), None)
         row = {
-            "round": r, "density": density, "participants": len(participants),
+            "round": r, "density": density,
+            **({"inertia_ratio": ratio} if self.trigger is not None else {}),
+            "participants": len(participants),
             "evaluated": evaluate, "train_loss": _mean(train_rows, "loss"),
             "acc_before": _mean(train_rows, "acc_before") if evaluate else nan,
             "acc_after": _mean(eval_rows, "acc_after") if evaluate else nan,
@@ -336,7 +360,7 @@ class FederatedRun:
         return self.writer.save_checkpoint(self.round - 1, {
             "next_round": self.round, "global_state": self.global_state,
             "ref_state": self.ref_state, "server_state": self.server_state,
-            "density": self.density(self.round - 1), "elapsed": self.elapsed,
+            "density": self.rounds_rows[-1]["density"], "elapsed": self.elapsed,
         }, write_client_state=self._write_client_state)
 
     def _write_client_state(self, folder: Path) -> list[int]:
@@ -380,6 +404,9 @@ class FederatedRun:
                             if r["round"] < self.round]
         self.layers_rows = [r for r in self.writer.read_table(LAYERS_FILE)
                             if r["round"] < self.round]
+        self.updates = eligible_update(self.layers_rows)
+        self.last_sparse = max((r["round"] for r in self.rounds_rows if r["density"] < 1.0),
+                               default=None)
         self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
         # Part by part, each pool gets its own clients' entries (whatever the pool count was)
         owner = {client: pool for pool, block in enumerate(self.assignment) for client in block}

@@ -1,6 +1,7 @@
 """LIPS's hand-out: each client gets a transiently sparse copy of the new global model.
 
-In a sparsity round (r % T == 0) client k keeps, in every eligible tensor (every convolution
+In a sparsity round (r % T == 0 for the periodic schedules; when the inertia trigger fires for
+``lips.schedule: inertia``) client k keeps, in every eligible tensor (every convolution
 but the stem), the top floor(d_r * numel) entries ranked by its scorer (the reference:
 |g_k * w|, its own last-batch gradient times the new global weight) and zeroes the rest. The
 next round trains densely, so the zeros regrow. The gradient never leaves the pool: the pool
@@ -35,15 +36,18 @@ class LipsHandout(DenseHandout):
 
     def __init__(self, cfg: ExperimentConfig, eligible: list[str]):
         check_lips_eligible(eligible, cfg.model)
+        cfg.lips.check_rounds(cfg.train.rounds)
         self.cfg = cfg
         self.eligible = eligible
         self.remember = eligible if cfg.lips.scorer in GRADIENT_SCORERS else None
         self.round_idx, self.current_density = -1, 1.0
 
     def density(self, round_idx: int) -> float:
+        """The periodic schedules' density; ``inertia``'s comes from the driver's trigger
+        (:class:`ray_lips.core.inertia.InertiaTrigger`), which this raises for."""
         lips = self.cfg.lips
         return density_at(round_idx, self.cfg.train.rounds, lips.sparsity, lips.period,
-                          lips.schedule)
+                          lips.schedule, lips.step_round)
 
     def start_round(self, round_idx: int, density: float) -> None:
         self.round_idx, self.current_density = round_idx, density

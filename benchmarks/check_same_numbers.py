@@ -3,10 +3,13 @@
 Both versions run the same fixed tiny configs in-process (``ray-lips run --local``, two pools,
 one thread each) for every built-in algorithm, with and without LIPS's hand-out, one-at-a-time
 and in batched groups, and on a model with BatchNorm. Then each run's ``rounds.parquet``,
-``layers.parquet`` and ``clients.parquet`` are compared byte for byte. The one column that
-cannot repeat, ``rounds.parquet``'s wall-clock ``seconds``, is dropped from both files first
-and the rest is compared as the bytes of the same table written again; the other two files
-are compared as they are on disk. Exit status 0: every file identical.
+``layers.parquet`` and ``clients.parquet`` are compared byte for byte on the columns both
+revisions write: a file with the same columns on both sides and no timing column is compared
+as it is on disk; otherwise the one column that cannot repeat, ``rounds.parquet``'s wall-clock
+``seconds``, and the columns only one side has (named in the output, e.g. ``+2 columns
+(down_bytes, up_bytes)``) are dropped from both, and the rest is compared as the bytes of the
+same table written again the same way. Exit status 0: every table identical on its common
+columns.
 
     .venv/bin/python benchmarks/check_same_numbers.py --rev HEAD~1
 """
@@ -20,8 +23,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -85,16 +90,46 @@ def run_case(source: Path, config: dict, folder: Path) -> Path:
     return runs[0].parent
 
 
-def digest(path: Path) -> str:
-    """The sha256 of a table's file; with timing columns, of the table without them, written
-    again the same way."""
-    table = pq.read_table(path)
-    timing = [c for c in TIMING_COLUMNS if c in table.column_names]
-    if not timing:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+@dataclass(frozen=True)
+class Comparison:
+    """Two revisions' versions of one table: the sha256 of each on the columns both have (the
+    file's own bytes when nothing was dropped), and the columns only one side has."""
+
+    before: str
+    after: str
+    added: tuple[str, ...]  # only the newer tree writes them
+    removed: tuple[str, ...]  # only the earlier revision wrote them
+
+    @property
+    def same(self) -> bool:
+        return self.before == self.after
+
+    def columns_note(self) -> str:
+        """``+2 columns (a, b)`` and/or ``-1 column (c)``; empty when the columns agree."""
+        notes = [f"{sign}{len(names)} column{'s' if len(names) > 1 else ''} ({', '.join(names)})"
+                 for sign, names in (("+", self.added), ("-", self.removed)) if names]
+        return "  ".join(notes)
+
+
+def _common_digest(table: pa.Table, columns: list[str]) -> str:
+    """The sha256 of ``table`` reduced to ``columns`` (in that order), written again without
+    the schema's metadata (pandas' metadata lists every column the table had)."""
     buffer = io.BytesIO()
-    pq.write_table(table.drop_columns(timing), buffer)
+    pq.write_table(table.select(columns).replace_schema_metadata(None), buffer)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def compare(before: Path, after: Path) -> Comparison:
+    """``before`` and ``after`` (the same table of both revisions) on their common columns."""
+    old, new = pq.read_table(before), pq.read_table(after)
+    added = tuple(c for c in new.column_names if c not in old.column_names)
+    removed = tuple(c for c in old.column_names if c not in new.column_names)
+    if not added and not removed and not any(c in TIMING_COLUMNS for c in old.column_names):
+        return Comparison(hashlib.sha256(before.read_bytes()).hexdigest(),
+                          hashlib.sha256(after.read_bytes()).hexdigest(), (), ())
+    common = [c for c in old.column_names
+              if c in new.column_names and c not in TIMING_COLUMNS]
+    return Comparison(_common_digest(old, common), _common_digest(new, common), added, removed)
 
 
 def main() -> None:
@@ -108,6 +143,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cases: {', '.join(unknown)}")
     differ = 0
+    notes: dict[str, list[str]] = {}  # a table's column changes: the cases that show them
     with tempfile.TemporaryDirectory(prefix="ray-lips-same-") as tmp:
         before = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before),
@@ -117,14 +153,22 @@ def main() -> None:
                 runs = {version: run_case(source, CASES[case], Path(tmp) / f"{i}-{version}")
                         for version, source in (("before", before), ("after", ROOT))}
                 for table in TABLES:
-                    old, new = (digest(runs[v] / table) for v in ("before", "after"))
-                    same = old == new
-                    differ += not same
-                    print(f"{case:<24s} {table:<16s} {'identical' if same else 'DIFFERENT'} "
-                          f"{new[:16]}", flush=True)
+                    found = compare(runs["before"] / table, runs["after"] / table)
+                    differ += not found.same
+                    note = found.columns_note()
+                    if note:
+                        notes.setdefault(f"{table}: {note}", []).append(case)
+                    print(f"{case:<24s} {table:<16s} "
+                          f"{'identical' if found.same else 'DIFFERENT'} {found.after[:16]}"
+                          f"{'  ' + note if note else ''}", flush=True)
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(before)], check=False, capture_output=True)
+    if notes:
+        print("\ncompared on the columns both have:")
+        for note, where in notes.items():
+            print(f"  {note}" + ("" if len(where) == len(cases) else
+                                 f" in {len(where)} of {len(cases)} cases"))
     print(f"\n{len(cases) * len(TABLES) - differ} of {len(cases) * len(TABLES)} tables identical "
           f"to {args.rev}")
     sys.exit(1 if differ else 0)

@@ -24,6 +24,7 @@ from ray_lips.algorithms.base import ClientRound, ClientView, Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.core.run_folder import open_new
+from ray_lips.core.traffic import parts_bytes, state_bytes
 from ray_lips.models import build_model, eligible_parameter_names
 from ray_lips.pools.allocator import keep_buffers_in_heap
 from ray_lips.pools.client_store import ClientStore, EntryInfo
@@ -239,7 +240,8 @@ class ClientPool:
                                           f"{request.round_idx}: training loss {update.loss}")
                 if update.last_grads is not None:
                     kept[client] = update.last_grads
-                row = {"client": client, "n_train": self.samples(client), "loss": update.loss}
+                row = {"client": client, "n_train": self.samples(client), "loss": update.loss,
+                       "up_bytes": parts_bytes(update.parts)}
                 if request.evaluate:
                     row["acc_before"] = update.acc_before
                 rows[client] = row
@@ -253,7 +255,18 @@ class ClientPool:
         """Take the new global model; score what the listed clients now hold."""
         self.set_global(request.round_idx, state, request.density)
         with self.stopwatch("evaluate"):
-            return self._score_holdings(request.eval_clients, request.eval_test)
+            reply = self._score_holdings(request.eval_clients, request.eval_test)
+        reply.traffic = self.downloads(request.receivers)
+        return reply
+
+    def downloads(self, receivers: list[int]) -> list[dict[str, Any]]:
+        """Each receiver's download of the hand-out just set (bytes as handed, and were it
+        dense), from shapes alone; the algorithm's local entries never travel."""
+        local = getattr(self.algorithm, "local", frozenset())
+        dense = state_bytes(self.global_state, local)
+        handed = self.handout_step.handed_bytes(self.global_state, receivers, self.store, local)
+        return [{"client": c, "down_bytes": handed[c], "down_bytes_dense": dense}
+                for c in receivers]
 
     def _score_holdings(self, eval_clients: list[int], eval_test: bool) -> HandoutReply:
         has_global = self.algorithm.has_global_model

@@ -29,7 +29,7 @@ class TrainRequest:
 @dataclass
 class TrainReply:
     """A pool's exact partial sums, one per part the algorithm aggregates, and per-client rows
-    (client, n_train, loss, acc_before when evaluated)."""
+    (client, n_train, loss, up_bytes: what it uploads, acc_before when evaluated)."""
 
     sums: dict[str, FixedSum]
     clients: list[dict[str, Any]]
@@ -38,18 +38,22 @@ class TrainReply:
 @dataclass(frozen=True)
 class HandoutRequest:
     """After round ``round_idx``: take the new global model, hand it out with ``density``, and
-    score what these clients now hold (and the global model on the test split)."""
+    score what these clients now hold (and the global model on the test split).
+    ``receivers``: the clients handed the new model, whose download the reply counts."""
 
     round_idx: int
     density: float
     eval_clients: list[int]
     eval_test: bool
+    receivers: list[int] = field(default_factory=list)
 
 
 @dataclass
 class HandoutReply:
     clients: list[dict[str, Any]] = field(default_factory=list)  # client, acc_global, acc_after
     acc_test: float | None = None
+    # per receiver: client, down_bytes (as handed), down_bytes_dense (were it dense)
+    traffic: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

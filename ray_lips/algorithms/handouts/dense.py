@@ -9,11 +9,13 @@ built in the pool that hosts it, from what the client kept of its own training).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ray_lips.algorithms.base import Tensors
+from ray_lips.core.traffic import state_bytes
 
 if TYPE_CHECKING:
     from ray_lips.pools.client_store import ClientStore
@@ -36,6 +38,12 @@ class DenseHandout:
 
     def handed(self, global_state: Tensors, client: int, store: ClientStore) -> Tensors:
         return global_state
+
+    def handed_bytes(self, global_state: Tensors, clients: list[int], store: ClientStore,
+                     skip: Collection[str] = ()) -> dict[int, int]:
+        """Bytes each of ``clients`` downloads for what :meth:`handed` gives it, from shapes
+        alone (no copy is built); entries in ``skip`` stay on the client and are not sent."""
+        return dict.fromkeys(clients, state_bytes(global_state, skip))
 
     def keep(self, store: ClientStore, grads: dict[int, dict[str, torch.Tensor]]) -> None:
         """Keep what this round's participants' training left for the next hand-out."""

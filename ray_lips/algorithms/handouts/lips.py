@@ -11,6 +11,7 @@ not train in the round has none and receives the dense model.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,8 +19,9 @@ import torch
 from ray_lips.algorithms.base import Tensors
 from ray_lips.algorithms.handouts.dense import DenseHandout
 from ray_lips.algorithms.handouts.schedule import density_at
-from ray_lips.algorithms.handouts.sparsify import GRADIENT_SCORERS, sparsify_state
+from ray_lips.algorithms.handouts.sparsify import GRADIENT_SCORERS, keep_count, sparsify_state
 from ray_lips.core.seeding import torch_generator
+from ray_lips.core.traffic import sparse_copy_bytes, state_bytes
 from ray_lips.models import check_lips_eligible
 
 if TYPE_CHECKING:
@@ -63,6 +65,22 @@ class LipsHandout(DenseHandout):
             generator = torch_generator(self.cfg.seed, "scorer", client, self.round_idx)
         return sparsify_state(global_state, self.eligible, self.current_density,
                               self.cfg.lips.scorer, grads, generator)
+
+    def handed_bytes(self, global_state: Tensors, clients: list[int], store: ClientStore,
+                     skip: Collection[str] = ()) -> dict[int, int]:
+        """A sparse copy's eligible tensors count their kept values plus a bitmap (each where
+        smaller than dense): top-k keeps exactly floor(d * numel) entries, so no mask is built
+        and no gradient read; the clients :meth:`handed` gives the dense model count it."""
+        dense = state_bytes(global_state, skip)
+        if self.current_density >= 1.0:
+            return dict.fromkeys(clients, dense)
+        kept = {name: keep_count(global_state[name].numel(), self.current_density)
+                for name in self.eligible}
+        sparse = sparse_copy_bytes(global_state, kept, skip)
+        if self.remember is None:
+            return dict.fromkeys(clients, sparse)
+        trained = set(store.clients(GRADIENT))
+        return {c: sparse if c in trained else dense for c in clients}
 
     def keep(self, store: ClientStore, grads: dict[int, dict[str, torch.Tensor]]) -> None:
         if self.remember is not None:

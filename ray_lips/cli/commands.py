@@ -7,7 +7,9 @@ import math
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +23,7 @@ from ray_lips.config import (
     validate_config,
 )
 from ray_lips.config.checks import check_config
+from ray_lips.config.schema import read_yaml
 from ray_lips.core.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -32,7 +35,13 @@ from ray_lips.core.run_folder import (
     run_lock,
 )
 
+if TYPE_CHECKING:
+    from ray_lips.tracking import TrackConfig
+
 SET_HELP = "Override a config key, e.g. --set train.rounds=10 (repeatable)."
+TRACK_HELP = ("Log to an experiment tracker: mlflow, wandb, tensorboard (repeatable or "
+              "comma-separated; added to the config's track: section; none: no tracker).")
+TRACK_URI_HELP = "MLflow's tracking URI (default: the file store OUTPUT/mlruns)."
 ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray)."
 
 
@@ -77,6 +86,55 @@ def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
             click.echo(f"warning: {warning}", err=True)
     except ConfigError as err:
         _fail(str(err))
+
+
+def _trackers(config: str | None, overrides: tuple[str, ...], names: tuple[str, ...],
+              uri: str | None) -> TrackConfig:
+    """The trackers asked for (the config file's ``track:`` section, after ``--set``, plus
+    ``--track``); exit 2 with one line naming the extra to install when one is missing."""
+    from ray_lips.tracking import choose, require_installed, section_of
+
+    try:
+        section = section_of(apply_overrides(read_yaml(config), overrides)) if config else None
+        track = choose(section, names, uri)
+        require_installed(track)
+    except ConfigError as err:
+        _fail(str(err))
+        raise  # unreachable
+    return track
+
+
+class _Tracked(contextlib.AbstractContextManager):
+    """The trackers of a command's runs, open from the start to the end of the command;
+    closed as failed when it ends with an error or an interruption."""
+
+    def __init__(self, track: TrackConfig, runs: list[Run]):
+        from ray_lips.tracking import RunTrackers, run_info
+
+        self.runs = {label: RunTrackers(track, run_info(cfg, run_dir))
+                     for label, cfg, run_dir in runs} if track.names else {}
+
+    @property
+    def hook(self) -> OnRound | None:
+        """What ``_run_and_report`` calls with every round's row; none without trackers."""
+        return self._log_round if self.runs else None
+
+    def _log_round(self, label: str, row: dict) -> None:
+        if label in self.runs:
+            self.runs[label].log_round(row)
+
+    def log_summaries(self, summaries: dict[str, dict]) -> None:
+        for label, summary in summaries.items():
+            if label in self.runs:
+                self.runs[label].log_summary(summary)
+
+    def log_figure(self, path: Path | None) -> None:
+        for trackers in self.runs.values():
+            trackers.log_figure(path)
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        for trackers in self.runs.values():
+            trackers.close(failed=kind is not None)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -131,24 +189,26 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
 
 
 Run = tuple[str, ExperimentConfig, Path]  # label, config, run directory
+OnRound = Callable[[str, dict], None]  # a run's label and a round's row
 
 
-def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = False) -> dict:
+def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = False,
+                    on_round: OnRound | None = None) -> dict:
     """Run and return the summaries; any failure ends the command with one line saying what
     failed and, where a resume can help, the command that resumes it (no traceback).
 
     ``created``: this command made the run folders; those of runs that never trained are
-    removed after a failure that a resume cannot help.
+    removed after a failure that a resume cannot help. ``on_round``: called here with each
+    run's label and every round's row (the trackers).
     """
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         if no_ray:
-            from ray_lips.core.run import run_local
-
-            return {label: run_local(cfg, run_dir) for label, cfg, run_dir in runs}
+            return {label: _run_here(cfg, run_dir, label, on_round)
+                    for label, cfg, run_dir in runs}
         from ray_lips.cluster.driver import run_on_ray
 
-        return run_on_ray(runs)
+        return run_on_ray(runs, on_round=on_round)
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated) or bool(_SIGTERM_SEEN)
         how = "stopped by SIGTERM" if terminated else str(err) or "interrupted"
@@ -157,6 +217,23 @@ def _run_and_report(runs: list[Run], *, no_ray: bool = False, created: bool = Fa
     except Exception as err:  # noqa: BLE001 - report any failure in one line
         _fail(_failure_message(err, runs, created), 1)
     return {}
+
+
+def _run_here(cfg: ExperimentConfig, run_dir: Path, label: str,
+              on_round: OnRound | None) -> dict:
+    """One run in this process (``--local``); ``core.run.run_local`` with ``on_round``."""
+    from ray_lips.core.run import FederatedRun, drive, run_local
+
+    if on_round is None:
+        return run_local(cfg, run_dir)
+    run = FederatedRun(cfg, run_dir)
+    try:
+        return drive(run, lambda row: on_round(label, row))
+    except BaseException as err:
+        run.writer.write_end(err)  # as well as the disk allows; the error is this one
+        raise
+    finally:
+        run.close()
 
 
 def _failure_message(err: Exception, runs: list[Run], created: bool) -> str:
@@ -223,8 +300,11 @@ def _remove_untrained(run_dir: Path) -> bool:
               help="Continue the interrupted run in this directory.")
 @click.option("--local", "no_ray", is_flag=True,
               help="Run in this process without Ray (pools run one after another).")
+@click.option("--track", "track_names", multiple=True, help=TRACK_HELP)
+@click.option("--track-uri", default=None, help=TRACK_URI_HELP)
 def run(config: str | None, overrides: tuple[str, ...], address: str | None,
-        resume_dir: str | None, no_ray: bool) -> None:
+        resume_dir: str | None, no_ray: bool, track_names: tuple[str, ...],
+        track_uri: str | None) -> None:
     """Run one experiment from CONFIG (a run config or a sweep spec's base)."""
     if resume_dir:
         run_dir = Path(resume_dir).resolve()
@@ -250,6 +330,7 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             _fail("give a CONFIG file or --resume RUN_DIR")
         cfg = _load(config, overrides)
         _preflight(cfg, uses_ray=not no_ray)
+    track = _trackers(None if resume_dir else config, overrides, track_names, track_uri)
     label = _label(cfg)
     with contextlib.ExitStack() as stack:
         if resume_dir:
@@ -261,8 +342,10 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             RunWriter(run_dir).write_config(cfg)
             _lock(stack, run_dir)
         click.echo(f"run directory: {run_dir}", err=True)
+        tracked = stack.enter_context(_Tracked(track, [(label, cfg, run_dir)]))
         summary = _run_and_report([(label, cfg, run_dir)], no_ray=no_ray,
-                                  created=not resume_dir)[label]
+                                  created=not resume_dir, on_round=tracked.hook)[label]
+        tracked.log_summaries({label: summary})
     click.echo(_summary_table({label: summary}))
     click.echo(str(run_dir))
 
@@ -340,12 +423,15 @@ ALGORITHMS_HELP = (
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--algorithms", "methods", default="fedavg,lips", show_default=True,
               help=ALGORITHMS_HELP)
+@click.option("--track", "track_names", multiple=True, help=TRACK_HELP)
+@click.option("--track-uri", default=None, help=TRACK_URI_HELP)
 def compare(config: str, overrides: tuple[str, ...], address: str | None,
-            methods: str) -> None:
+            methods: str, track_names: tuple[str, ...], track_uri: str | None) -> None:
     """Run CONFIG once per method (same seed, same data) and compare them: as many at a time
     as the cluster holds, the others queued until one finishes."""
     base = _load(config, overrides)
     _preflight(base)
+    track = _trackers(config, overrides, track_names, track_uri)
     asked = [m.strip() for m in methods.split(",") if m.strip()]
     if not asked:
         _fail("--algorithms: name at least one method, e.g. --algorithms fedavg,lips")
@@ -372,14 +458,17 @@ def compare(config: str, overrides: tuple[str, ...], address: str | None,
             _lock(stack, run_dir)
             runs.append((method, cfg, run_dir))
             click.echo(f"run directory ({method}): {run_dir}", err=True)
-        summaries = _run_and_report(runs, created=True)
-    click.echo("")
-    click.echo(_summary_table(summaries))
-    for label, _, run_dir in runs:
-        click.echo(f"{label:>12s}: {run_dir}")
-    figure = _inertia_figure(runs)
-    if figure:
-        click.echo(f"inertia figure: {figure}")
+        tracked = stack.enter_context(_Tracked(track, runs))
+        summaries = _run_and_report(runs, created=True, on_round=tracked.hook)
+        tracked.log_summaries(summaries)
+        click.echo("")
+        click.echo(_summary_table(summaries))
+        for label, _, run_dir in runs:
+            click.echo(f"{label:>12s}: {run_dir}")
+        figure = _inertia_figure(runs)
+        if figure:
+            click.echo(f"inertia figure: {figure}")
+            tracked.log_figure(figure)
 
 
 def _figure_path(runs: list[Run]) -> Path:

@@ -9,8 +9,16 @@ from pathlib import Path
 import click
 
 from ray_lips.cluster.jobpaths import in_ray_job, where
-from ray_lips.cluster.sweep_spec import ClusterError, SweepSpec, check_cluster, describe, load_spec
-from ray_lips.config import DATASETS, ConfigError, is_import_path, validate_config
+from ray_lips.cluster.sweep_spec import (
+    ClusterError,
+    SweepSpec,
+    check_cluster,
+    describe,
+    parse_spec,
+)
+from ray_lips.config import DATASETS, ConfigError, apply_overrides, is_import_path, validate_config
+from ray_lips.config.schema import read_yaml
+from ray_lips.tracking import TrackConfig, choose, require_installed
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -26,6 +34,17 @@ def resume_command(spec_file: str, overrides: tuple[str, ...]) -> str:
     """The command that continues this sweep, quoted for a POSIX shell."""
     return shlex.join(["ray-lips", "sweep", spec_file, "--resume",
                        *(part for o in overrides for part in ("--set", o))])
+
+
+def load_spec_and_track(spec_file: str, overrides: tuple[str, ...], names: tuple[str, ...],
+                        uri: str | None) -> tuple[SweepSpec, TrackConfig]:
+    """The spec (``sweep_spec.load_spec``) without its ``track:`` section, which is not part of
+    the experiment, and the trackers asked for (that section plus ``--track``)."""
+    tree = apply_overrides(read_yaml(spec_file), overrides)
+    section = tree.pop("track", None)
+    track = choose(section, names, uri)
+    require_installed(track)
+    return parse_spec(tree), track
 
 
 def _check_start(spec: SweepSpec, resume: bool) -> None:
@@ -101,10 +120,17 @@ def _connect_and_check(spec: SweepSpec, address: str | None) -> None:
                    "trials are kept, unfinished and failed ones continue from their checkpoints.")
 @click.option("--address", default=None,
               help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")
-def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str | None) -> None:
+@click.option("--track", "track_names", multiple=True,
+              help="Log every trial to an experiment tracker: mlflow, wandb, tensorboard "
+                   "(repeatable or comma-separated; added to the spec's track: section; none: "
+                   "no tracker). A resumed sweep keeps the trackers it started with.")
+@click.option("--track-uri", default=None,
+              help="MLflow's tracking URI (default: the file store STORAGE/NAME/mlruns).")
+def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str | None,
+          track_names: tuple[str, ...], track_uri: str | None) -> None:
     """Run the Ray Tune sweep described by SPEC (a run config plus a `sweep:` section)."""
     try:
-        spec = load_spec(spec_file, overrides)
+        spec, track = load_spec_and_track(spec_file, overrides, track_names, track_uri)
     except ConfigError as err:
         _fail(str(err))
         return
@@ -130,6 +156,7 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
         terminate_on_sigterm,
     )
     from ray_lips.cluster.tune_trial import (  # noqa: PLC0415
+        TrackerCallback,
         expected_trials,
         format_table,
         mark_interrupted,
@@ -141,7 +168,10 @@ def sweep(spec_file: str, overrides: tuple[str, ...], resume: bool, address: str
     expected = expected_trials(spec, resume)
     try:
         with terminate_on_sigterm(spec.experiment_dir):
-            results = run_sweep(spec, resume=resume, callbacks=[TrialActorsCallback()])
+            trackers = ([TrackerCallback(track, spec.base, spec.name, spec.experiment_dir)]
+                        if track.names else [])
+            results = run_sweep(spec, resume=resume,
+                                callbacks=[TrialActorsCallback(), *trackers])
     except KeyboardInterrupt:
         if not sigterm_received():
             raise

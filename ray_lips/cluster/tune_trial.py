@@ -24,6 +24,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.result import AUTO_RESULT_KEYS
 from ray.tune.schedulers import ASHAScheduler
 
 from ray_lips.cluster.sweep_spec import (
@@ -54,6 +55,7 @@ from ray_lips.core.run_folder import (
     write_bytes_replacing,
 )
 from ray_lips.pools.ray_actors import RayPoolFactory
+from ray_lips.tracking import RunTrackers, TrackConfig, run_info
 
 SPEC_FILE = "sweep_spec.yaml"
 WINDOW_KEYS = ("acc_global_window", "acc_after_window", "acc_before_window", "acc_test_window")
@@ -258,6 +260,68 @@ def _settle(trial: Trial, status: str, **fields: str) -> None:
     writer = RunWriter(path)
     if writer.read_status().get("status") == "running":
         writer.write_status(status, **fields)
+
+
+class TrackerCallback(tune.Callback):
+    """Logs each trial to the experiment trackers (``ray_lips.tracking``) from the process
+    that runs the sweep: the trial's whole config as parameters, every reported round with
+    its round as the step, the run's summary at the end. Tune calls it in this process, so the
+    trackers need not be installed on the cluster's nodes."""
+
+    def __init__(self, track: TrackConfig, base: dict[str, Any], experiment: str,
+                 base_dir: Path):
+        self.track, self.base, self.experiment, self.base_dir = track, base, experiment, base_dir
+        self._open: dict[str, RunTrackers] = {}
+        self._rounds: dict[str, int] = {}  # each trial's train.rounds
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks; open runs stay here
+        return {**self.__dict__, "_open": {}}
+
+    def _trackers(self, trial: Trial) -> RunTrackers:
+        if trial.trial_id not in self._open:
+            cfg = resolve_trial(self.base, trial.config)
+            self._rounds[trial.trial_id] = cfg.train.rounds
+            run_dir = Path(trial.path) if trial.path else self.base_dir
+            self._open[trial.trial_id] = RunTrackers(self.track, run_info(
+                cfg, run_dir, self.base_dir, experiment=self.experiment, name=trial_name(trial),
+                tags={"trial_id": trial.trial_id,
+                      "overrides": describe(trial_overrides(trial.config))}))
+        return self._open[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        self._trackers(trial)
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
+                        result: dict[str, Any], **info: Any) -> None:
+        """A round's report; the trial's last one (``_drive``'s final report, after the run
+        wrote its summary) is the last round's row plus the summary, logged as such."""
+        if "round" not in result:
+            return
+        trackers = self._trackers(trial)
+        if result.get(TIME_ATTR) != self._rounds[trial.trial_id]:
+            trackers.log_round(result, skip=AUTO_RESULT_KEYS)
+            return
+        summary = _run_status(Path(trial.path) if trial.path else None).get("summary", {})
+        summary_only = set(summary) - {*WINDOW_KEYS, TIME_ATTR}
+        trackers.log_round(result, skip=(*AUTO_RESULT_KEYS, *summary_only))
+        trackers.log_summary(summary)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
+        trackers = self._open.pop(trial.trial_id, None)
+        if trackers is not None:
+            trackers.close()
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        trackers = self._open.pop(trial.trial_id, None)
+        if trackers is not None:
+            trackers.close(failed=True)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial_id in list(self._open):  # stopped with the sweep (Ctrl+C, a time budget)
+            self._open.pop(trial_id).close(failed=True)
 
 
 def make_scheduler(spec: SchedulerSpec | None) -> ASHAScheduler | None:

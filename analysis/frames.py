@@ -15,7 +15,15 @@ import pandas as pd
 
 from analysis import latex
 from analysis.loaders import METRICS, setting_columns
-from analysis.methods import ALGORITHMS, BASELINE_TEXT, check_baseline, fmt_value, label_sort_key
+from analysis.methods import (
+    ALGORITHMS,
+    BASELINE_TEXT,
+    check_baseline,
+    family_rank,
+    fmt_value,
+    label_sort_key,
+)
+from ray_lips.algorithms import registry
 
 ALPHA = 0.05  # a paired difference is a gain or a loss only with p < ALPHA ...
 MIN_SEEDS = 3  # ... over at least MIN_SEEDS paired seeds
@@ -47,13 +55,18 @@ def setting_display_columns(runs: pd.DataFrame) -> list[str]:
 
 
 def method_order(frame: pd.DataFrame) -> pd.DataFrame:
-    """Sort rows by setting, then algorithm (FedAvg first, in ``ALGORITHMS`` order), its knobs,
-    the dense hand-out before LIPS, then sparsity and period."""
+    """Sort rows by setting, then family (its ``family`` column, else the built-in algorithm's),
+    then algorithm (FedAvg first, in ``ALGORITHMS`` order), its knobs, the dense hand-out before
+    LIPS, then sparsity and period."""
     rank = {name: i for i, name in enumerate(ALGORITHMS)}
+    builtin = registry.builtin()
+    families = (frame["family"] if "family" in frame else
+                [builtin[a].family if a in builtin else None for a in frame["algorithm"]])
     bases = {b: i for i, b in enumerate(sorted(set(frame["base_method"].astype(str)),
                                                key=label_sort_key))}
     keys = pd.DataFrame({
         "_s": frame["setting"],
+        "_f": [family_rank(f) for f in families],
         "_a": [rank.get(a, len(rank)) for a in frame["algorithm"]],
         "_b": [bases[str(b)] for b in frame["base_method"]],
         "_h": frame["handout"].ne("dense").astype(int),

@@ -27,6 +27,11 @@ with the same seed:
   gain is what the LIPS hand-out adds (``fedprox(mu=0.01)+lips ..`` against ``fedprox(mu=0.01)``);
   dense methods are baselines themselves;
 - ``fedavg``: plain FedAvg with the dense hand-out, for every other method.
+
+A method's *family* (what its clients predict with) and *local work* (a participant's local
+training per round, in local epochs) are what its algorithm class declares
+(:attr:`~ray_lips.algorithms.base.Algorithm.family`,
+:meth:`~ray_lips.algorithms.base.Algorithm.local_work`) for the run's config.
 """
 
 from __future__ import annotations
@@ -41,10 +46,14 @@ from typing import Any
 import pandas as pd
 
 from ray_lips.algorithms import registry
-from ray_lips.config import ExperimentConfig, is_import_path
+from ray_lips.algorithms.base import FAMILIES, Algorithm, AlgorithmOptions, LocalSettings
+from ray_lips.config import ConfigError, ExperimentConfig, TrainConfig, is_import_path
 
-ALGORITHMS = registry.names()  # the built-in algorithms, in the order tables list them
+# the built-in algorithms, in the order tables list them: by family, then their own order
+ALGORITHMS = tuple(sorted(registry.names(),
+                          key=lambda name: FAMILIES.index(registry.builtin()[name].family)))
 ALGORITHM_TITLES = {name: cls.label for name, cls in registry.builtin().items()}  # "FedProx"
+UNKNOWN = "-"  # the family or local work of an algorithm that cannot be imported here
 LEGACY_LIPS = "lips"  # the old ``algorithm: lips``: FedAvg with the LIPS hand-out
 LIPS_SECTION = "lips"
 LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS label
@@ -207,3 +216,70 @@ def _natural(text: str) -> tuple:
     for i, piece in enumerate(_NUMBER.split(text)):
         parts.append((0, float(piece), "") if i % 2 else (1, 0.0, piece))
     return tuple(parts)
+
+
+def algorithm_class_of(config: Mapping[str, Any]) -> type[Algorithm] | None:
+    """The algorithm class of a flattened config (a user's imported by its path), None when
+    it cannot be imported here."""
+    raw = config.get("algorithm")
+    if missing(raw):
+        return None
+    algorithm = "fedavg" if raw == LEGACY_LIPS else str(raw)
+    try:
+        return registry.algorithm_class(algorithm)
+    except (ConfigError, ImportError):
+        return None
+
+
+def family_of(config: Mapping[str, Any]) -> str:
+    """What the clients of a flattened config's algorithm predict with (:data:`FAMILIES`)."""
+    cls = algorithm_class_of(config)
+    return UNKNOWN if cls is None else cls.family
+
+
+def family_rank(family: object) -> int:
+    """A family's place in tables: :data:`FAMILIES` order, an unknown one last."""
+    return FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+
+
+def local_work_of(config: Mapping[str, Any]) -> str:
+    """A participant's local training per round under a flattened config, in local epochs
+    (e.g. ``2 (1 global + 1 personal)``): its algorithm's ``local_work`` for its section and
+    ``train`` keys."""
+    cls = algorithm_class_of(config)
+    if cls is None:
+        return UNKNOWN
+    prefix = f"{cls.name}."
+    section = {key.removeprefix(prefix): value for key, value in config.items()
+               if isinstance(key, str) and key.startswith(prefix) and not missing(value)}
+    return str(cls.local_work(_options(cls, section), _local_settings(config)))
+
+
+def _options(cls: type[Algorithm], section: dict[str, Any]) -> AlgorithmOptions:
+    """``cls``'s options from a recorded section; the keys an older schema wrote in a form the
+    class no longer accepts (``fedper.personal_layers: [fc]``) are left at their defaults."""
+    try:
+        return registry.options_of(cls, section)
+    except ConfigError:
+        valid = {}
+        for key, value in section.items():
+            try:
+                registry.options_of(cls, {key: value})
+            except ConfigError:
+                continue
+            valid[key] = value
+        return registry.options_of(cls, valid)
+
+
+def _local_settings(config: Mapping[str, Any]) -> LocalSettings:
+    """The local-training settings of a flattened config (the schema's defaults where a key is
+    missing)."""
+    fields = TrainConfig.model_fields
+
+    def value(key: str) -> Any:
+        found = config.get(f"train.{key}")
+        return fields[key].default if missing(found) else found
+
+    return LocalSettings(epochs=int(value("local_epochs")), batch_size=int(value("batch_size")),
+                         lr=float(value("lr")), momentum=float(value("momentum")),
+                         weight_decay=float(value("weight_decay")))

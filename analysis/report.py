@@ -113,6 +113,14 @@ def how_to_read(frames: RunFrames, metric: str, windowed: bool, baseline: str = 
         "differ between the runs (e.g. `fedprox(mu=0.01)`), then `+lips s=.. T=..` for the "
         "LIPS hand-out (plus schedule/scorer when those differ). Every knob that tells two "
         "methods apart is in the label, in every table and figure.",
+        "- **Family**: what a method's clients predict with: one *global model*; a *global "
+        "body, personal parts* (an averaged body with layers of their own); *personal models*. "
+        "Rows are grouped by family within a setting.",
+        "- **Local work**: a participant's local training per round, in local epochs (passes "
+        "over its training data, each a forward and a backward pass); in parentheses what "
+        "differs, e.g. `2 (1 global + 1 personal)` for Ditto, `11 (10 head + 1 body)` for "
+        "FedRep (each phase trains part of the model), extra forward passes for MOON. A method "
+        "that trains more than FedAvg is not compared at equal cost.",
         f"- **Baseline**: {baseline_description(baseline)}. "
         + ("Methods without a hand-out are baselines themselves and have no gain. "
            if baseline == "own" else "FedAvg itself has no gain. ")

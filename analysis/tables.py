@@ -4,8 +4,10 @@ Every table is a :class:`Table`: ``data`` holds the numbers (for CSV and further
 ``display`` the formatted strings (for Markdown and LaTeX), ``caption`` says what the numbers
 are. In LaTeX the best mean of each accuracy column is bold and a gain names its verdict.
 
-Tables have one row per method and setting; a method is named by its full label (the
-``method`` column, see :mod:`analysis.methods`), so rows that differ in any knob look different.
+Tables have one row per method and setting, methods grouped by family (what their clients
+predict with: one global model; a global body with personal parts; personal models); a method
+is named by its full label (the ``method`` column, see :mod:`analysis.methods`), so rows that
+differ in any knob look different.
 Gains are against a named baseline: ``own`` (the default; the same algorithm with the same
 knobs and the dense hand-out) or ``fedavg`` (plain dense FedAvg for every method).
 """
@@ -30,7 +32,7 @@ from analysis.frames import (
     value_column,
 )
 from analysis.loaders import METRICS
-from analysis.methods import baseline_labels, check_baseline
+from analysis.methods import baseline_labels, check_baseline, family_of, local_work_of
 from analysis.paired import paired_frame
 
 FINETUNE_COLUMNS = ("acc_finetune_mean", "acc_finetune_bnrecal_mean")
@@ -80,7 +82,8 @@ def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool =
     comparison with the same baseline (see :mod:`analysis.paired`). Both fine-tune scores are
     shown side by side. Runs that did not finish are left out of the numbers and counted in
     ``not_finished``. Columns of ``data``: the setting's, ``method`` and its parts
-    (:data:`METHOD_COLUMNS`), ``seeds``, ``{column}_mean``/``_std``, the fine-tune means and
+    (:data:`METHOD_COLUMNS`), ``family``, ``local_work`` (a participant's local training per
+    round, in local epochs), ``seeds``, ``{column}_mean``/``_std``, the fine-tune means and
     stds, ``not_finished``, ``baseline`` (the partner's label), ``baseline_mean``,
     ``baseline_seeds``, ``gain``, ``paired_seeds``, ``p_ttest``, ``verdict``.
     """
@@ -89,8 +92,11 @@ def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool =
     display_cols = setting_display_columns(runs)
     if "has_config" in runs:  # a Tune trial that died before writing its config has no cell
         runs = runs[runs["has_config"]]
-    keys = runs.drop_duplicates(["setting", "method"])[
-        ["setting", "method", *display_cols, *METHOD_COLUMNS]]
+    first = runs.drop_duplicates(["setting", "method"])
+    keys = first[["setting", "method", *display_cols, *METHOD_COLUMNS]].copy()
+    configs = first.to_dict("records")
+    keys["family"] = [family_of(config) for config in configs]
+    keys["local_work"] = [local_work_of(config) for config in configs]
     data = keys.merge(cell_stats(runs, column), on=["setting", "method"], how="left")
     for ft in FINETUNE_COLUMNS:
         stats = cell_stats(runs, ft)[["setting", "method", "mean", "std"]]
@@ -120,7 +126,10 @@ def final_table(runs: pd.DataFrame, metric: str = "acc_global", windowed: bool =
                f"'(within noise)' marks a gain the paired test does not support "
                f"(p >= {alpha} or fewer than {min_seeds} paired seeds). Fine-tune: "
                f"acc_finetune keeps the BN statistics fine-tuning left, acc_finetune_bnrecal "
-               f"recomputes them on the client's data.")
+               f"recomputes them on the client's data. Local work: a participant's local "
+               f"training per round, in local epochs (passes over its training data, each a "
+               f"forward and a backward pass; in parentheses what differs, e.g. a part of the "
+               f"model or extra forward passes).")
     best_of = {ft.removesuffix("_mean"): ft for ft in FINETUNE_COLUMNS}
     if column.startswith("acc_"):  # higher is better: an accuracy, not any runs column
         best_of = {column: f"{column}_mean", **best_of}
@@ -155,7 +164,9 @@ def gain_cells(data: pd.DataFrame, name_verdict: bool = False) -> list[str]:
 
 def _final_display(data: pd.DataFrame, column: str, display_cols: list[str]) -> pd.DataFrame:
     shown = {c.split(".")[-1]: text_column(data[c]) for c in display_cols}
+    shown["family"] = data["family"]
     shown["method"] = data["method"]
+    shown["local work"] = data["local_work"]
     shown["n"] = data["seeds"].astype(int)
     shown[column] = [mean_std(m, s, n) for m, s, n in zip(
         data[f"{column}_mean"], data[f"{column}_std"], data["seeds"], strict=True)]

@@ -55,7 +55,10 @@ MIXED = {  # label -> (algorithm, handout, section knobs, acc_global per seed)
     "ditto": ("ditto", "dense", {}, (0.58, 0.59, 0.60)),
     "local": ("local", "dense", {}, None),
 }
-ORDER = list(MIXED)  # the order the tables sort methods in
+ORDER = list(MIXED)  # the order the tables sort methods in: by family, then algorithm
+FAMILY = {label: {"fedper": "global body, personal parts", "ditto": "personal models",
+                  "local": "personal models"}.get(algorithm, "global model")
+          for label, (algorithm, *_) in MIXED.items()}
 AFTER_SHIFT = 0.1  # acc_after = acc_global + shift (personal models: a value of their own)
 PERSONAL_AFTER = {"fedper": (0.80, 0.82, 0.81), "local": (0.75, 0.74, 0.78)}
 
@@ -250,6 +253,9 @@ def test_final_table_has_one_row_per_method_and_own_baseline_gains(frames):
     table = final_table(frames.runs)
     data = table.data
     assert list(data["method"]) == ORDER
+    assert list(data["family"]) == [FAMILY[m] for m in ORDER]
+    assert dict(zip(data["method"], data["local_work"], strict=True)) == {
+        m: "2 (1 global + 1 personal)" if m == "ditto" else "1" for m in ORDER}
     assert (data["seeds"] == len(SEEDS)).all()
     by = data.set_index("method")
     for label in ORDER:
@@ -373,8 +379,10 @@ def test_report_end_to_end_with_methods_that_have_no_global_model(mixed, tmp_pat
     text = path.read_text()
     final = _section(text, "Final accuracy")
     rows = [line for line in final.splitlines() if line.startswith("| digits |")]
-    assert [line.split(" | ")[2] for line in rows] == ORDER
-    assert re.search(r"\| local \| 3 \| - \| - \| - \|", final)
+    assert [line.split(" | ")[2] for line in rows] == [FAMILY[m] for m in ORDER]
+    assert [line.split(" | ")[3] for line in rows] == ORDER
+    assert re.search(r"\| personal models \| local \| 1 \| 3 \| - \| - \| - \|", final)
+    assert "| personal models | ditto | 2 (1 global + 1 personal) | 3 |" in final
     paired = _section(text, "Paired comparisons (method - baseline, per seed)")
     assert "| fedprox(mu=0.1)+lips s=0.5 T=5 | fedprox(mu=0.1) | acc_global_window | 3 |" in paired
     every = _section(text, "All runs")
@@ -397,9 +405,9 @@ def test_report_cli_with_baseline_fedavg(mixed, tmp_path):
     assert "plain FedAvg with the dense hand-out (`--baseline fedavg`)" in text
     final = _section(text, "Final accuracy")
     gain = mean_of("local", "acc_after") - mean_of("fedavg", "acc_after")
-    assert re.search(r"\| local \| 3 \| [0-9.]+ ± [0-9.]+ \| fedavg \| "
+    assert re.search(r"\| local \| 1 \| 3 \| [0-9.]+ ± [0-9.]+ \| fedavg \| "
                      + re.escape(f"{gain:+.3f}"), final)
-    assert "| fedavg | 3 |" in final
+    assert "| global model | fedavg | 1 | 3 |" in final
     bad = CliRunner().invoke(report, [str(mixed), "--baseline", "fedprox"])
     assert bad.exit_code == 2 and "fedprox" in bad.output
 

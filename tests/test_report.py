@@ -42,8 +42,10 @@ def test_report_holds_the_final_table_rows(sweep, built):
         cells = " | ".join(str(v) for v in row.to_numpy())
         assert f"| {cells} |" in section
     # FedAvg is the baseline: no baseline and no gain of its own
-    assert re.search(r"\| fedavg \| 3 \| [0-9.]+ ± [0-9.]+ \| - \| - \|", section)
-    assert "| method | n | acc_global_window | baseline | gain |" in section
+    assert re.search(r"\| global model \| fedavg \| 1 \| 3 \| [0-9.]+ ± [0-9.]+ \| - \| - \|",
+                     section)
+    assert ("| family | method | local work | n | acc_global_window | baseline | gain |"
+            in section)
     assert "acc_finetune | acc_finetune_bnrecal" in section
     assert "(within noise)" in section  # three tiny seeds: nothing is called a gain
 

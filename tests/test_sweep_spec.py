@@ -258,20 +258,22 @@ def _methods(spec) -> set[tuple]:
 
 
 @pytest.mark.parametrize("name", ["baselines_mnist1d", "paper_baselines_cifar10"])
-def test_baseline_specs_cross_each_global_algorithm_with_lips(name):
+def test_baseline_specs_cover_every_algorithm_each_composable_one_with_lips(name):
+    from ray_lips.algorithms import registry
+
     spec = load_spec(SWEEPS / f"{name}.yaml")
-    assert spec.total_trials == 11 * 3
-    assert _methods(spec) == {
-        ("fedavg", "dense", None), ("fedavg", "lips", None),
-        ("fedprox", "dense", 0.01), ("fedprox", "dense", 0.1),
-        ("fedprox", "lips", 0.01), ("fedprox", "lips", 0.1),
-        ("scaffold", "dense", None), ("scaffold", "lips", None),
-        ("fedper", "dense", None), ("ditto", "dense", None), ("local", "dense", None)}
+    dense = {(algorithm, "dense") for algorithm in registry.names()}
+    lips = {(algorithm, "lips") for algorithm in registry.composable_with_lips()}
+    methods = _methods(spec)
+    assert {(algorithm, handout) for algorithm, handout, _ in methods} == dense | lips
+    assert {mu for algorithm, _, mu in methods if algorithm == "fedprox"} == {0.01, 0.1}
+    assert len(methods) == len(dense | lips) + 2  # FedProx at two mu, dense and LIPS
+    assert spec.total_trials == len(methods) * 3
     assert {c.seed for c in spec.trial_configs()} == {0, 1, 2}
 
 
 def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
-    """Each of the 11 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
+    """Each of the 24 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
     with the grid's model (VGG11-BN) and every other setting as shipped."""
     from ray_lips.core.run import run_local
 
@@ -281,7 +283,7 @@ def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
               "resources.pools=2", "resources.gpus_per_pool=0", "sweep.grid.seed=[0]",
               "data.synthetic.train_size=100", "data.synthetic.test_size=50"]
     spec = load_spec(SWEEPS / "paper_baselines_cifar10.yaml", shrink)
-    assert spec.total_trials == 11
+    assert spec.total_trials == 24
     for k, cfg in enumerate(spec.trial_configs()):
         assert cfg.model == "vgg11_bn" and cfg.lips.sparsity == 0.5
         summary = run_local(cfg, tmp_path / f"t{k}")
@@ -306,3 +308,4 @@ def test_a_trial_not_started_is_named_by_its_grid_point_not_as_the_base():
     assert _grid_point("2c0c9_00001", grid) == "algorithm=scaffold seed=2"
     assert _grid_point("2c0c9_00007", grid) == "(not started)"
     assert _grid_point("2c0c9_00001", None) == "(not started)"
+

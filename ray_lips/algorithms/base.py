@@ -50,15 +50,36 @@ if TYPE_CHECKING:
 Tensors = Mapping[str, "torch.Tensor"]
 MODEL = "model"  # the part every global-model algorithm aggregates: the clients' trained models
 
-__all__ = ["MODEL", "Algorithm", "AlgorithmOptions", "ClientRound", "ClientUpdate",
-           "ClientView", "Correction", "LocalResult", "LocalSettings", "LossTerm", "Phase",
-           "Tensors", "TermBatch", "TrainJob", "Trained", "Trainer"]
+# What a client predicts with: an algorithm's ``family`` (reports group methods by it, in order)
+GLOBAL_MODEL = "global model"  # the global model, as handed to it
+GLOBAL_BODY = "global body, personal parts"  # an averaged body with parts of its own
+PERSONAL_MODELS = "personal models"  # a model of its own, never the averaged one
+FAMILIES = (GLOBAL_MODEL, GLOBAL_BODY, PERSONAL_MODELS)
+
+__all__ = ["FAMILIES", "GLOBAL_BODY", "GLOBAL_MODEL", "MODEL", "PERSONAL_MODELS", "Algorithm",
+           "AlgorithmOptions", "ClientRound", "ClientUpdate", "ClientView", "Correction",
+           "LocalResult", "LocalSettings", "LocalWork", "LossTerm", "Phase", "Tensors",
+           "TermBatch", "TrainJob", "Trained", "Trainer"]
 
 
 class AlgorithmOptions(BaseModel):
     """An algorithm's config section (the keys under its ``name``); no keys by default."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """One client's local training in one round, in local epochs: passes over the client's
+    training data, each a forward and a backward pass of the model (``epochs``), and in words
+    what differs from that (``detail``: a partial model, extra forward passes)."""
+
+    epochs: float
+    detail: str = ""  # e.g. "10 head + 1 body", "+2 forward passes of frozen models"
+
+    def __str__(self) -> str:
+        count = f"{self.epochs:g}"
+        return f"{count} ({self.detail})" if self.detail else count
 
 
 @dataclass(frozen=True)
@@ -153,8 +174,12 @@ class Algorithm:
     """Base class: FedAvg's behaviour where a subclass does not say otherwise.
 
     A subclass sets ``name`` (the config's ``algorithm`` value and the name of its section),
-    and may set ``Options`` (its section), ``label``, ``has_global_model``,
-    ``sparse_handout``, ``client_slots`` and ``order``.
+    and may set ``Options`` (its section), ``label``, ``family``, ``has_global_model``,
+    ``sparse_handout``, ``client_slots`` and ``order``, and override :meth:`local_work`.
+
+    ``family`` is what a client predicts with: the global model (:data:`GLOBAL_MODEL`), an
+    averaged body with parts of its own (:data:`GLOBAL_BODY`), or a model of its own
+    (:data:`PERSONAL_MODELS`).
 
     Local entries: a subclass that sets ``self.local`` (state-dict names, in ``__init__``) and
     ``local_slot`` (one of its ``client_slots``) keeps those entries on the client: they are
@@ -165,6 +190,7 @@ class Algorithm:
 
     name: ClassVar[str]
     label: ClassVar[str] = ""  # how documentation and help name it, e.g. "FedProx"
+    family: ClassVar[str] = GLOBAL_MODEL  # what a client predicts with: one of FAMILIES
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions  # its config section
     has_global_model: ClassVar[bool] = True  # False: acc_global and acc_test are NaN
     sparse_handout: ClassVar[bool] = True  # whether LIPS's hand-out may be composed with it
@@ -180,6 +206,18 @@ class Algorithm:
         self.settings = settings
         self.parameter_names = [name for name, _ in model.named_parameters()]
         self.local: frozenset[str] = frozenset()  # state entries that never leave a client
+
+    @classmethod
+    def local_work(cls, options: AlgorithmOptions, settings: LocalSettings) -> LocalWork:
+        """A participant's local training per round (FedAvg: ``train.local_epochs`` of the
+        whole model)."""
+        return LocalWork(settings.epochs)
+
+    @classmethod
+    def measures_body(cls) -> bool:
+        """Whether the run measures the averaged entries' layer inertia (``layers.parquet``):
+        where there is a global model, or a global body LIPS's hand-out may sparsify."""
+        return cls.has_global_model or cls.sparse_handout
 
     # ----- server side --------------------------------------------------------------------
     def init_server_state(self, global_state: Tensors) -> dict[str, torch.Tensor]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 from pydantic import Field
 
 from ray_lips.algorithms.base import (
+    PERSONAL_MODELS,
     Algorithm,
     AlgorithmOptions,
     ClientRound,
     ClientUpdate,
     ClientView,
     Correction,
+    LocalSettings,
+    LocalWork,
     Tensors,
     TrainJob,
 )
@@ -29,6 +32,7 @@ class Ditto(Algorithm):
     name = "ditto"
     label = "Ditto"
     order = 40
+    family = PERSONAL_MODELS
     sparse_handout = False
     client_slots = (PERSONAL,)
 
@@ -37,6 +41,13 @@ class Ditto(Algorithm):
         personal_epochs: int | None = Field(None, ge=1)  # default: train.local_epochs
 
     options: Options
+
+    @classmethod
+    def local_work(cls, options: Ditto.Options, settings: LocalSettings) -> LocalWork:
+        """The global model's epochs, then the personal model's."""
+        personal = options.personal_epochs or settings.epochs
+        return LocalWork(settings.epochs + personal,
+                         f"{settings.epochs} global + {personal} personal")
 
     def held_state(self, view: ClientView, client: int) -> Tensors:
         personal = view.store.get(client, PERSONAL)

@@ -22,6 +22,7 @@ from ray_lips.algorithms.base import (
     ClientRound,
     ClientUpdate,
     LocalSettings,
+    LocalWork,
     Phase,
     Tensors,
 )
@@ -34,6 +35,13 @@ class FedBABU(Algorithm):
     name = "fedbabu"
     label = "FedBABU"
     order = 36
+    # the global model (with its initial head) until the final fine-tuning, which every
+    # algorithm gets: one global model
+
+    @classmethod
+    def local_work(cls, options: FedBABU.Options, settings: LocalSettings) -> LocalWork:
+        """FedAvg's epochs, the head frozen."""
+        return LocalWork(settings.epochs, "body only")
 
     def __init__(self, options: AlgorithmOptions, settings: LocalSettings, model: nn.Module):
         from ray_lips.models import head_parameter_names

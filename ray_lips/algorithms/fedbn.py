@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ray_lips.algorithms.base import Algorithm, AlgorithmOptions, LocalSettings
+from ray_lips.algorithms.base import (
+    GLOBAL_BODY,
+    Algorithm,
+    AlgorithmOptions,
+    LocalSettings,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,6 +32,7 @@ class FedBN(Algorithm):
     name = "fedbn"
     label = "FedBN"
     order = 25
+    family = GLOBAL_BODY  # averaged model, its own BatchNorm layers
     has_global_model = False
     client_slots = (BATCHNORM,)
     local_slot = BATCHNORM

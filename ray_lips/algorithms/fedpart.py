@@ -33,6 +33,7 @@ from ray_lips.algorithms.base import (
     ClientRound,
     ClientUpdate,
     LocalSettings,
+    LocalWork,
     Phase,
     Trained,
     TrainJob,
@@ -60,6 +61,11 @@ class FedPart(Algorithm):
         groups: list[list[str]] | None = None  # module-name prefixes per group; None: auto
 
     options: Options
+
+    @classmethod
+    def local_work(cls, options: FedPart.Options, settings: LocalSettings) -> LocalWork:
+        """FedAvg's epochs; after the warm-up rounds one layer group trains."""
+        return LocalWork(settings.epochs, "one layer group after warm-up")
 
     def __init__(self, options: Options, settings: LocalSettings, model: nn.Module):
         super().__init__(options, settings, model)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from ray_lips.algorithms.base import (
+    GLOBAL_BODY,
     Algorithm,
     AlgorithmOptions,
     ClientRound,
@@ -62,6 +63,7 @@ class FedPer(Algorithm):
     name = "fedper"
     label = "FedPer"
     order = 30
+    family = GLOBAL_BODY  # averaged body, its own head
     has_global_model = False
     sparse_handout = False
     client_slots = (HEAD,)

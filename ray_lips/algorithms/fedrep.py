@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from ray_lips.algorithms.base import (
+    GLOBAL_BODY,
     Algorithm,
     AlgorithmOptions,
     ClientRound,
     ClientUpdate,
     LocalSettings,
+    LocalWork,
     Phase,
 )
 
@@ -40,6 +42,7 @@ class FedRep(Algorithm):
     name = "fedrep"
     label = "FedRep"
     order = 35
+    family = GLOBAL_BODY  # averaged body, its own head
     has_global_model = False
     client_slots = (HEAD,)
     local_slot = HEAD
@@ -49,6 +52,12 @@ class FedRep(Algorithm):
         body_epochs: int | None = Field(None, ge=1)  # default: train.local_epochs
 
     options: Options
+
+    @classmethod
+    def local_work(cls, options: FedRep.Options, settings: LocalSettings) -> LocalWork:
+        """The head's epochs, then the body's, each training part of the model."""
+        body = options.body_epochs or settings.epochs
+        return LocalWork(options.head_epochs + body, f"{options.head_epochs} head + {body} body")
 
     def __init__(self, options: Options, settings: LocalSettings, model: nn.Module):
         from ray_lips.models import head_parameter_names

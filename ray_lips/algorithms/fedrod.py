@@ -22,12 +22,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from ray_lips.algorithms.base import (
+    GLOBAL_BODY,
     Algorithm,
     AlgorithmOptions,
     ClientRound,
     ClientUpdate,
     ClientView,
     LocalSettings,
+    LocalWork,
     Tensors,
     TermBatch,
     Trained,
@@ -84,7 +86,13 @@ class FedRoD(Algorithm):
     name = "fedrod"
     label = "FedRoD"
     order = 37
+    family = GLOBAL_BODY  # predicts with the generic model plus its personal head
     client_slots = (PERSONAL,)
+
+    @classmethod
+    def local_work(cls, options: FedRoD.Options, settings: LocalSettings) -> LocalWork:
+        """FedAvg's epochs; each step also trains the personal head on the same forward pass."""
+        return LocalWork(settings.epochs, "+ personal head")
 
     def __init__(self, options: AlgorithmOptions, settings: LocalSettings, model: nn.Module):
         from ray_lips.models import head_parameter_names

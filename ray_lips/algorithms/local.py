@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ray_lips.algorithms.base import (
+    PERSONAL_MODELS,
     Algorithm,
     ClientRound,
     ClientUpdate,
@@ -27,6 +28,7 @@ class LocalOnly(Algorithm):
     name = "local"
     label = "Local only"
     order = 50
+    family = PERSONAL_MODELS
     has_global_model = False
     sparse_handout = False
     client_slots = (OWN,)

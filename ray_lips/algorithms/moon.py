@@ -27,6 +27,8 @@ from ray_lips.algorithms.base import (
     AlgorithmOptions,
     ClientRound,
     ClientUpdate,
+    LocalSettings,
+    LocalWork,
     Tensors,
     TermBatch,
     Trained,
@@ -69,6 +71,13 @@ class Moon(Algorithm):
         tau: float = Field(0.5, gt=0)  # its temperature
 
     options: Options
+
+    @classmethod
+    def local_work(cls, options: Moon.Options, settings: LocalSettings) -> LocalWork:
+        """FedAvg's epochs; each step also runs the two frozen models forward (none at mu 0)."""
+        if not options.mu:
+            return LocalWork(settings.epochs)
+        return LocalWork(settings.epochs, "+2 forward passes of frozen models")
 
     def train(self, round: ClientRound, clients: list[int]) -> list[ClientUpdate]:
         if not self.options.mu:

@@ -202,6 +202,11 @@ class FederatedRun:
         model = initial_model(cfg, tuple(dataset.sample_shape), dataset.num_classes)
         self.groups = layer_groups(model)
         self.algorithm = build_algorithm(cfg, model)
+        # layer inertia of the averaged entries: none of a client's local ones (FedBN's
+        # BatchNorm, FedRep's head), nothing where no global model or sparsifiable body exists
+        self.measured_groups = ([g for g in self.groups
+                                 if not self.algorithm.local.intersection(g.param_names)]
+                                if self.algorithm.measures_body() else [])
         self.handout = build_handout(cfg, eligible_parameter_names(model))
         self.trigger = (InertiaTrigger(cfg.lips.window, cfg.lips.trigger, cfg.lips.gap,
                                        cfg.train.inertia_ref_round)
@@ -280,8 +285,8 @@ class FederatedRun:
             self.global_state, self._averages([t.sums for t in trained]), self.server_state)
         if r == cfg.train.inertia_ref_round:
             self.ref_state = new_state
-        layers = (layer_metrics(r, self.groups, self.global_state, new_state, self.ref_state)
-                  if self.algorithm.has_global_model else [])
+        layers = layer_metrics(r, self.measured_groups, self.global_state, new_state,
+                               self.ref_state)
         density, ratio = self._schedule(r, layers)
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)

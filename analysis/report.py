@@ -37,6 +37,7 @@ from analysis.tables import (
     metric_mean_column,
     value_column,
 )
+from analysis.traffic import traffic_section
 
 METRIC_MEANING = {
     "acc_global": "the dense global model after aggregation, scored on each client's own test "
@@ -264,6 +265,7 @@ def build_report(paths: str | Path | Sequence[str | Path], out: str | Path | Non
         "_No finished method with a finished baseline._", "",
     ]
     lines += _figure_sections(frames, final, metric, windowed, out, fig_dir)
+    lines += traffic_section(frames.rounds, metric, fig_dir, table_dir, lambda p: _link(p, out))
     lines += ["## Runs not finished", "",
               pending.to_markdown() if len(pending.data) else "_All runs finished._", "",
               "## All runs", "", overview.to_markdown(), "",

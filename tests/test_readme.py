@@ -176,7 +176,7 @@ def test_readme_bring_your_own_example_runs(workspace, tmp_path):
 
 def test_readme_algorithm_table_says_what_each_class_declares():
     """One row per built-in algorithm, in the registry's order, with the class's label, its
-    global model (acc_global) and whether the LIPS hand-out composes with it."""
+    family, its global model (acc_global) and whether the LIPS hand-out composes with it."""
     from ray_lips.algorithms import registry
 
     section = README.split("### Algorithms\n", 1)[1].split("\n### ", 1)[0]
@@ -185,5 +185,6 @@ def test_readme_algorithm_table_says_what_each_class_declares():
     assert [row[0].strip("`") for row in rows] == list(registry.names())
     for row, cls in zip(rows, registry.builtin().values(), strict=True):
         assert row[1] == cls.label
-        assert row[4].startswith("NaN") == (not cls.has_global_model), row
-        assert row[5] == ("yes" if cls.sparse_handout else "no"), row
+        assert row[2] == cls.family, row
+        assert row[6].startswith("NaN") == (not cls.has_global_model), row
+        assert row[7] == ("yes" if cls.sparse_handout else "no"), row

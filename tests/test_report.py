@@ -82,7 +82,7 @@ def test_every_link_points_at_a_file_and_every_figure_is_linked(built):
 
 def test_every_table_is_written_as_csv_markdown_and_latex_and_linked(built):
     tables = built.parent / "tables"
-    stems = {"final", "paired", "best", "runs", "not_finished"}
+    stems = {"final", "paired", "best", "runs", "not_finished", "traffic"}
     for suffix in (".csv", ".md", ".tex"):
         assert {p.stem for p in tables.glob(f"*{suffix}")} == stems, suffix
     files = _section(built.read_text(), "Files")

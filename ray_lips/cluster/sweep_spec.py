@@ -381,6 +381,7 @@ def parse_spec(tree: dict[str, Any]) -> SweepSpec:
     """Validate a whole spec tree (run config + ``sweep`` section) and expand its grid."""
     tree = copy.deepcopy(tree)
     section = _mapping(tree.pop("sweep", None), "sweep")
+    tree.pop("track", None)  # experiment trackers (ray_lips.tracking): not part of any trial
     for key in section:
         if key not in SWEEP_KEYS:
             raise SpecError(f"sweep.{key}: unknown key; expected one of {', '.join(SWEEP_KEYS)}")

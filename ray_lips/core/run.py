@@ -30,6 +30,7 @@ from ray_lips.core.aggregate import FixedSum, add_sums, to_state
 from ray_lips.core.inertia import InertiaTrigger, eligible_update, layer_metrics
 from ray_lips.core.run_folder import LAYERS_FILE, ROUNDS_FILE, RunWriter, check_run_folder, open_new
 from ray_lips.core.seeding import derive_seed, numpy_rng
+from ray_lips.core.traffic import round_traffic
 from ray_lips.data import input_pipeline, load_dataset, partition_clients
 from ray_lips.data.datasets import ArrayDataset
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
@@ -291,7 +292,7 @@ class FederatedRun:
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
         handed = self.pools.handout(
-            [HandoutRequest(r, density, c if evaluate else [], evaluate)
+            [HandoutRequest(r, density, c if evaluate else [], evaluate, receivers=c)
              for c in self._split(eval_clients)], new_state)
         self.layers_rows += layers
         self.global_state = new_state
@@ -311,6 +312,7 @@ class FederatedRun:
             "acc_global": _mean(eval_rows, "acc_global") if evaluate else nan,
             "acc_test": acc_test if acc_test is not None else nan,
             "seconds": seconds,
+            **round_traffic(train_rows, [t for h in handed for t in h.traffic]),
         }
         self.rounds_rows.append(row)
         self.round += 1
@@ -326,7 +328,7 @@ class FederatedRun:
         """Final per-client evaluation and fine-tuning; writes clients.parquet and the summary."""
         if not self.done:
             raise RuntimeError(f"finish() called after {self.round} of {self.cfg.train.rounds}")
-        per_pool = self.pools.finetune(self.round - 1, self.cfg.train.finetune_epochs)
+        per_pool = self.pools.finetune(self.cfg.train.finetune_epochs)
         client_rows = sorted((row for rows in per_pool for row in rows), key=lambda r: r["client"])
         self.writer.write_clients(client_rows)
         self.writer.write_model(self.global_state)

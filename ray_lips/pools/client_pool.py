@@ -292,7 +292,7 @@ class ClientPool:
         reply.clients = [rows[c] for c in eval_clients]
         return reply
 
-    def finetune(self, round_idx: int, epochs: int) -> list[dict[str, Any]]:
+    def finetune(self, epochs: int) -> list[dict[str, Any]]:
         """Each hosted client fine-tunes the model it holds on its own data (final scores)."""
         settings = local_settings(self.cfg, epochs=epochs)
         has_global = self.algorithm.has_global_model

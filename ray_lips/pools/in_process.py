@@ -80,10 +80,10 @@ class PoolGroup(ABC):
         return self.call(PoolCall(ClientPool.handout, "hand-out with evaluation" if evaluates
                                   else "hand-out", requests, (state,)))
 
-    def finetune(self, round_idx: int, epochs: int) -> list[list[dict[str, Any]]]:
+    def finetune(self, epochs: int) -> list[list[dict[str, Any]]]:
         # each client fine-tunes ``epochs`` and is scored about as often as an epoch costs
         work = max(self.hosted, default=0) * (epochs + FINETUNE_EVALUATION_EPOCHS)
-        return self.call(PoolCall(ClientPool.finetune, "fine-tuning", shared=(round_idx, epochs),
+        return self.call(PoolCall(ClientPool.finetune, "fine-tuning", shared=(epochs,),
                                   work=work))
 
     def state_index(self) -> list[list[EntryInfo]]:

@@ -24,6 +24,18 @@ TINY = {
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, restored after: numbers compared exactly must come
+    from the same kernels in the same order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config() -> dict:
     """A config that trains in a second or two on sklearn digits."""
     return copy.deepcopy(TINY)

@@ -20,13 +20,7 @@ from ray_lips.pools.client_pool import ClientPool
 from ray_lips.pools.messages import HandoutRequest, TrainRequest
 from ray_lips.pools.payload import ClientShard, PackedShards
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _config(tiny_config: dict, algorithm: str, **sections) -> dict:

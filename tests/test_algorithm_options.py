@@ -18,12 +18,7 @@ from ray_lips.training.spec import LocalSettings
 SETTINGS = LocalSettings(epochs=1, batch_size=20, lr=0.05, momentum=0.9, weight_decay=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _config(tiny_config: dict, algorithm: str, handout: str = "dense", **sections) -> dict:

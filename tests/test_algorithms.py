@@ -24,12 +24,7 @@ from ray_lips.training.local import LocalResult, correct_gradients
 TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _config(tiny_config: dict, algorithm: str, handout: str = "dense", **sections) -> dict:

@@ -29,12 +29,7 @@ def build(shape, classes):
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _config(tiny_config: dict, algorithm: str, handout: str = "dense", **sections) -> dict:

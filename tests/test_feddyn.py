@@ -24,12 +24,7 @@ TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 ALPHA = 1.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_feddyn_is_a_builtin_global_model_algorithm_with_its_section():

@@ -20,12 +20,7 @@ SHAPE, CLASSES = (1, 8, 8), 4
 SETTINGS = LocalSettings(epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=0.01)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _norm() -> Normalisation:

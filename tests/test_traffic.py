@@ -24,13 +24,7 @@ from ray_lips.core.traffic import (
 from ray_lips.models import build_model, eligible_parameter_names
 from ray_lips.pools.messages import HandoutRequest, TrainRequest
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----- the pure functions -----------------------------------------------------------------------

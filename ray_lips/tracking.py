@@ -10,14 +10,22 @@ config file is not part of the experiment: it never reaches the run's ``config.y
 
 A tracker that fails while logging is reported once and dropped: the run goes on, and its
 numbers never depend on a tracker.
+
+A resumed run (``run --resume``, a resumed or retried sweep trial) continues the tracker runs it
+started: each run folder keeps ``trackers.json``, the trackers' run ids and the last round
+logged to them. The rounds a resume computes again (those after the last checkpoint) are the
+same numbers and are not logged twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
+import re
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -166,6 +174,8 @@ class RunInfo:
 
 
 class Tracker(Protocol):
+    run_id: str  # what continues it after a resume ("" where its folder is enough)
+
     def log_round(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_summary(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_figure(self, path: Path) -> None: ...
@@ -179,7 +189,7 @@ def mlflow_uri(options: MlflowOptions, base_dir: Path) -> str:
 class MlflowTracker:
     """An MLflow run through ``MlflowClient`` (no global active run: several runs at once)."""
 
-    def __init__(self, options: MlflowOptions, info: RunInfo):
+    def __init__(self, options: MlflowOptions, info: RunInfo, previous: str | None = None):
         uri = mlflow_uri(options, info.base_dir)
         if uri.startswith("file:") or "://" not in uri:
             # MLflow 3 refuses a file store unless asked; a local store is this default
@@ -188,6 +198,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
+        if previous is not None and self._continue(previous):
+            return
         name = options.experiment or info.experiment
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = (experiment.experiment_id if experiment is not None
@@ -198,6 +210,20 @@ class MlflowTracker:
         params = [Param(k, v[:6000]) for k, v in info.params.items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def _continue(self, run_id: str) -> bool:
+        """Log on to the run ``run_id`` of this store, if it is there and not deleted."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return True
 
     def _metrics(self, step: int, metrics: dict[str, float]) -> None:
         import time
@@ -242,7 +268,7 @@ class WandbTracker:
     """A W&B run (``reinit="create_new"``: a compare's runs are open at once in one process);
     ``mode: offline`` (or ``WANDB_MODE=offline``) writes it to disk and needs no network."""
 
-    def __init__(self, options: WandbOptions, info: RunInfo):
+    def __init__(self, options: WandbOptions, info: RunInfo, previous: str | None = None):
         import wandb
 
         folder = options.dir or os.environ.get("WANDB_DIR") or str(info.base_dir)
@@ -251,7 +277,9 @@ class WandbTracker:
         self.run = wandb.init(
             project=options.project, entity=options.entity, mode=wandb_mode(options), dir=folder,
             name=info.name, group=info.experiment, config=info.params,
-            tags=[f"{k}={v}" for k, v in info.tags.items()][:20], reinit="create_new")
+            tags=[f"{k}={v}" for k, v in info.tags.items()][:20], reinit="create_new",
+            **({"id": previous, "resume": "allow"} if previous is not None else {}))
+        self.run_id = self.run.id
 
     def log_round(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -270,14 +298,17 @@ class TensorboardTracker:
     """An event file in ``DIR/<run name>``: scalars per round, ``final/*`` at the last round,
     the config as text, figures as images."""
 
-    def __init__(self, options: TensorboardOptions, info: RunInfo):
+    run_id = ""  # continued by writing to the same folder
+
+    def __init__(self, options: TensorboardOptions, info: RunInfo, previous: str | None = None):
         from tensorboardX import SummaryWriter
 
         root = Path(options.dir).expanduser() if options.dir else info.base_dir / "tensorboard"
         self.logdir = root / info.name
         self.writer = SummaryWriter(logdir=str(self.logdir))
-        table = "\n".join(f"| {k} | {v} |" for k, v in info.params.items())
-        self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, 0)
+        if previous is None:  # a continued run has its config already
+            table = "\n".join(f"| {k} | {v} |" for k, v in info.params.items())
+            self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, 0)
         self.last_step = 0
 
     def log_round(self, step: int, metrics: dict[str, float]) -> None:
@@ -302,16 +333,84 @@ class TensorboardTracker:
 _OPENERS = {"mlflow": MlflowTracker, "wandb": WandbTracker, "tensorboard": TensorboardTracker}
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Logged:
+    """What a run folder's ``trackers.json`` says: each tracker's run id (TensorBoard's is
+    ``""``: its folder is named after the run) and the last round logged to them."""
+
+    ids: dict[str, str]
+    last_step: int | None = None
+
+
+def read_logged(run_dir: Path) -> Logged:
+    """``run_dir``'s ``trackers.json``; empty when it is missing, damaged or not a plain file
+    (a link is never followed). Only known trackers with plain ids count: an id names a run,
+    never a path."""
+    from ray_lips.core.run_folder import TRACKERS_FILE
+
+    try:
+        fd = os.open(Path(run_dir) / TRACKERS_FILE,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return Logged({})
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = json.loads(handle.read(65536)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except (OSError, ValueError):
+            data = None
+    if not isinstance(data, dict):
+        return Logged({})
+    ids = data.get("ids") if isinstance(data.get("ids"), dict) else {}
+    ids = {name: run_id for name, run_id in ids.items() if name in TRACKERS
+           and isinstance(run_id, str) and (run_id == "" or _RUN_ID.fullmatch(run_id))}
+    last = data.get("last_step")
+    valid = isinstance(last, int) and not isinstance(last, bool) and last >= 0
+    return Logged(ids, last if valid else None)
+
+
+def continued(run_dir: Path, uri: str | None = None) -> TrackConfig:
+    """The trackers an interrupted run in ``run_dir`` logged to (default options; ``uri``:
+    MLflow's tracking URI, where it was not the default)."""
+    return choose(None, list(read_logged(run_dir).ids), uri)
+
+
 class RunTrackers:
-    """One run's open trackers. A tracker that fails is told once on stderr and dropped."""
+    """One run's open trackers. A tracker that fails is told once on stderr and dropped.
+
+    In a run folder that has logged before (a resume), each tracker continues its run where
+    it can (``trackers.json``) and skips the rounds already logged to it."""
 
     def __init__(self, track: TrackConfig, info: RunInfo, stream=sys.stderr):
         self.stream, self.info = stream, info
         self.trackers: dict[str, Tracker] = {}
         self.last_step = 0
+        earlier = read_logged(info.run_dir)
+        self.logged_through = earlier.last_step  # the continued trackers have these rounds
+        self.continued: set[str] = set()
         for name in track.names:
+            previous = earlier.ids.get(name)
             with self._guard(name, "could not start"):
-                self.trackers[name] = _OPENERS[name](getattr(track, name), info)
+                self.trackers[name] = _OPENERS[name](getattr(track, name), info, previous)
+                if previous is not None and self.trackers[name].run_id == previous:
+                    self.continued.add(name)
+                    print(f"{name}: continuing the run of {info.name}"
+                          + (f" ({previous})" if previous else ""), file=stream, flush=True)
+        self._save()
+
+    def _save(self) -> None:
+        """``trackers.json``: the run ids and the last round logged (as well as the disk
+        allows: a tracker never stops a run)."""
+        from ray_lips.core.run_folder import TRACKERS_FILE, write_bytes_replacing
+
+        if not self.trackers or not self.info.run_dir.is_dir():
+            return
+        last = max(self.last_step, self.logged_through or 0)
+        data = {"ids": {name: t.run_id for name, t in self.trackers.items()}, "last_step": last}
+        with contextlib.suppress(OSError):
+            write_bytes_replacing(self.info.run_dir / TRACKERS_FILE, json.dumps(data).encode())
 
     @contextlib.contextmanager
     def _guard(self, name: str, what: str):
@@ -323,17 +422,22 @@ class RunTrackers:
             print(f"warning: {name} {what} for {self.info.name}, no more logging to it: "
                   f"{first}", file=self.stream, flush=True)
 
-    def _each(self, what: str, call: str, *args: Any) -> None:
+    def _each(self, what: str, call: str, *args: Any, but: Iterable[str] = ()) -> None:
         for name, tracker in list(self.trackers.items()):
-            with self._guard(name, what):
-                getattr(tracker, call)(*args)
+            if name not in but:
+                with self._guard(name, what):
+                    getattr(tracker, call)(*args)
 
     def log_round(self, row: Mapping[str, Any], skip: Iterable[str] = ()) -> None:
-        """A round's row, its round (``round``) as the step."""
+        """A round's row, its round (``round``) as the step; a continued tracker that has the
+        round already (a resume computes it again, to the same numbers) is not sent it."""
         self.last_step = int(row.get("round", self.last_step))
         metrics = numbers(row, ("round", *skip))
         if metrics:
-            self._each("failed", "log_round", self.last_step, metrics)
+            seen = self.logged_through is not None and self.last_step <= self.logged_through
+            self._each("failed", "log_round", self.last_step, metrics,
+                       but=self.continued if seen else ())
+            self._save()
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """The final numbers (windowed and last accuracies, fine-tuning, seconds per round)."""

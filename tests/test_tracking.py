@@ -1,10 +1,13 @@
 """Experiment trackers (``--track`` / ``track:``): what MLflow, W&B (offline) and TensorBoard
 hold after a run, read back with their own readers, and the errors before any work starts."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -181,6 +184,81 @@ def test_track_uri_and_no_tracker_leave_the_numbers_alone(tmp_path, tiny_config)
     frames = [pd.read_parquet(Path(r.stdout.strip().splitlines()[-1]) / "rounds.parquet")
               for r in (tracked, plain)]
     pd.testing.assert_frame_equal(*(f.drop(columns="seconds") for f in frames))
+
+
+# ----- an interrupted run, resumed -------------------------------------------------------------
+def _stop_after(proc: subprocess.Popen, runs: Path, logged: int) -> None:
+    """SIGTERM ``proc`` once its trackers have ``logged`` rounds (``trackers.json``)."""
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        for path in runs.glob("*/trackers.json"):
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(path.read_text())["last_step"] >= logged - 1:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.communicate(timeout=60)
+                    return
+        time.sleep(0.1)
+    proc.kill()
+    proc.communicate()
+    raise AssertionError("the run never logged enough rounds")
+
+
+def test_a_resumed_run_continues_its_tracker_runs_and_logs_each_round_once(tmp_path,
+                                                                            tiny_config):
+    """``run --resume`` without ``--track``: the same MLflow run (finished), a W&B run with the
+    same id, the same TensorBoard folder; every round once in each, with its number."""
+    path = _config(tmp_path, tiny_config, rounds=30)
+    tiny_config["train"]["checkpoint_every"] = 4
+    path.write_text(yaml.safe_dump(tiny_config))
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([*CLI, "run", str(path), "--local", "--track",
+                             "mlflow,wandb,tensorboard"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=tmp_path)
+    _stop_after(proc, runs, logged=6)
+    assert proc.returncode == 143
+    run_dir = next(runs.glob("*/trackers.json")).parent
+    stopped_at = json.loads((run_dir / "trackers.json").read_text())["last_step"]
+    assert stopped_at < 29
+
+    resumed = _cli(tmp_path, "run", "--resume", str(run_dir), "--local")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "mlflow: continuing the run of" in resumed.stderr
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    assert list(rounds["round"]) == list(range(30))
+
+    client, found = _mlflow_runs(runs / "mlruns", "tiny")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    for key in ("train_loss", "acc_global"):
+        assert _history(client, found[0].info.run_id, key) == list(
+            zip(rounds["round"], rounds[key], strict=True)), key
+
+    files = sorted((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1  # run-<the same id>.wandb
+    first, second = (_wandb_run(f)["history"] for f in files)
+    assert max(first) == stopped_at and min(second) == stopped_at + 1
+    assert sorted({**first, **second}) == list(range(30))
+
+    scalars = _tensorboard_scalars(runs / "tensorboard" / run_dir.name)
+    assert [step for step, _ in scalars["train_loss"]] == list(range(30))
+
+
+def test_trackers_json_names_runs_never_paths(tmp_path):
+    """A crafted ``trackers.json`` (a link, ids that are paths, unknown trackers) is not
+    used: only plain ids of known trackers are."""
+    from ray_lips.tracking import read_logged
+
+    (tmp_path / "trackers.json").write_text(json.dumps({
+        "ids": {"mlflow": "ab12", "wandb": "../../etc", "neptune": "x", "tensorboard": ""},
+        "last_step": 7}))
+    logged = read_logged(tmp_path)
+    assert logged.ids == {"mlflow": "ab12", "tensorboard": ""} and logged.last_step == 7
+    (tmp_path / "real.json").write_text(json.dumps({"ids": {"mlflow": "cd34"}}))
+    (tmp_path / "trackers.json").unlink()
+    (tmp_path / "trackers.json").symlink_to(tmp_path / "real.json")
+    assert read_logged(tmp_path).ids == {}
+    (tmp_path / "trackers.json").unlink()
+    (tmp_path / "trackers.json").write_text("[1, 2]")
+    assert read_logged(tmp_path).ids == {}
 
 
 # ----- refusals before any work ------------------------------------------------------------------

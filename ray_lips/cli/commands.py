@@ -89,14 +89,16 @@ def _preflight(cfg: ExperimentConfig, uses_ray: bool = True) -> None:
 
 
 def _trackers(config: str | None, overrides: tuple[str, ...], names: tuple[str, ...],
-              uri: str | None) -> TrackConfig:
+              uri: str | None, resumed: Path | None = None) -> TrackConfig:
     """The trackers asked for (the config file's ``track:`` section, after ``--set``, plus
-    ``--track``); exit 2 with one line naming the extra to install when one is missing."""
-    from ray_lips.tracking import choose, require_installed, section_of
+    ``--track``; resuming ``resumed`` without ``--track``: the trackers it logged to); exit 2
+    with one line naming the extra to install when one is missing."""
+    from ray_lips.tracking import choose, continued, require_installed, section_of
 
     try:
         section = section_of(apply_overrides(read_yaml(config), overrides)) if config else None
-        track = choose(section, names, uri)
+        track = (continued(resumed, uri) if resumed is not None and not names
+                 else choose(section, names, uri))
         require_installed(track)
     except ConfigError as err:
         _fail(str(err))
@@ -297,7 +299,8 @@ def _remove_untrained(run_dir: Path) -> bool:
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
-              help="Continue the interrupted run in this directory.")
+              help="Continue the interrupted run in this directory (and the tracker runs it "
+                   "logged to, unless --track names others).")
 @click.option("--local", "no_ray", is_flag=True,
               help="Run in this process without Ray (pools run one after another).")
 @click.option("--track", "track_names", multiple=True, help=TRACK_HELP)
@@ -330,7 +333,8 @@ def run(config: str | None, overrides: tuple[str, ...], address: str | None,
             _fail("give a CONFIG file or --resume RUN_DIR")
         cfg = _load(config, overrides)
         _preflight(cfg, uses_ray=not no_ray)
-    track = _trackers(None if resume_dir else config, overrides, track_names, track_uri)
+    track = _trackers(None if resume_dir else config, overrides, track_names, track_uri,
+                      resumed=run_dir if resume_dir else None)
     label = _label(cfg)
     with contextlib.ExitStack() as stack:
         if resume_dir:

@@ -36,12 +36,13 @@ LAYERS_FILE = "layers.parquet"
 CLIENTS_FILE = "clients.parquet"
 MODEL_FILE = "model_final.pt"
 LOCK_FILE = ".lock"
+TRACKERS_FILE = "trackers.json"  # the experiment trackers' run ids (ray_lips.tracking)
 CHECKPOINT_DIR = "checkpoints"
 # The tables by the names the analysis gives them (``analysis.loaders``' frames)
 TABLE_FILES = {"rounds": ROUNDS_FILE, "layers": LAYERS_FILE, "clients": CLIENTS_FILE}
 # What ray-lips writes at the top of a run folder (checkpoints/ holds the rest)
 RUN_FOLDER_FILES = (CONFIG_FILE, STATUS_FILE, ROUNDS_FILE, LAYERS_FILE, CLIENTS_FILE, MODEL_FILE,
-                    LOCK_FILE, CHECKPOINT_DIR)
+                    LOCK_FILE, TRACKERS_FILE, CHECKPOINT_DIR)
 KEEP_CHECKPOINTS = 2
 CLIENT_STATE_PARTS = "client_state_parts"  # a checkpoint's record of its parts' sizes
 

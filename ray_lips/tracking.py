@@ -179,6 +179,7 @@ class Tracker(Protocol):
     def log_round(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_summary(self, step: int, metrics: dict[str, float]) -> None: ...
     def log_figure(self, path: Path) -> None: ...
+    def log_file(self, path: Path, folder: str) -> None: ...
     def close(self, failed: bool) -> None: ...
 
 
@@ -241,6 +242,9 @@ class MlflowTracker:
     def log_figure(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
 
+    def log_file(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+
     def close(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
@@ -277,7 +281,8 @@ class WandbTracker:
         self.run = wandb.init(
             project=options.project, entity=options.entity, mode=wandb_mode(options), dir=folder,
             name=info.name, group=info.experiment, config=info.params,
-            tags=[f"{k}={v}" for k, v in info.tags.items()][:20], reinit="create_new",
+            tags=[f"{k}={v}"[:64] for k, v in info.tags.items()][:20],  # W&B's limits
+            reinit="create_new",
             **({"id": previous, "resume": "allow"} if previous is not None else {}))
         self.run_id = self.run.id
 
@@ -289,6 +294,11 @@ class WandbTracker:
 
     def log_figure(self, path: Path) -> None:
         self.run.log({f"figures/{path.stem}": self.wandb.Image(str(path))})
+
+    def log_file(self, path: Path, folder: str) -> None:
+        """A copy among the run's files (``folder/name``), uploaded with the run."""
+        self.run.save(str(path), base_path=str(path.parents[len(Path(folder).parts)]),
+                      policy="now")
 
     def close(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -325,6 +335,12 @@ class TensorboardTracker:
 
         self.writer.add_image(f"figures/{path.stem}", imread(str(path))[..., :3],
                               self.last_step, dataformats="HWC")
+
+    def log_file(self, path: Path, folder: str) -> None:
+        """Markdown as text (TensorBoard's text tab renders it); other files are not kept."""
+        if path.suffix == ".md":
+            self.writer.add_text("/".join(filter(None, (folder, path.stem))),
+                                 path.read_text(), self.last_step)
 
     def close(self, failed: bool) -> None:
         self.writer.close()
@@ -449,9 +465,45 @@ class RunTrackers:
         if path is not None and Path(path).is_file():
             self._each("failed", "log_figure", Path(path))
 
+    def log_file(self, path: Path, folder: str = "") -> None:
+        self._each("failed", "log_file", Path(path), folder)
+
     def close(self, failed: bool = False) -> None:
         self._each("failed to close", "close", failed)
         self.trackers.clear()
+
+
+def report_store(dirs: Iterable[Path]) -> Path:
+    """Where a report's tracker files go by default: beside the runs' own (the first DIR, or
+    its parent, that holds ``mlruns``: a sweep's folder, or a run's output folder), else the
+    first DIR."""
+    first = Path(next(iter(dirs))).resolve()
+    for folder in (first, first.parent):
+        if (folder / "mlruns").is_dir():
+            return folder
+    return first
+
+
+def log_report(track: TrackConfig, report: Path, experiment: str, base_dir: Path,
+               params: Mapping[str, str]) -> None:
+    """A report (``report.md`` in its folder, with ``tables/`` and ``figures/``) as one
+    tracker run named ``report-<folder above it>`` in ``experiment``: the figures as figures,
+    every file as an artifact in the same folders. Reporting again logs on to the same run
+    (the report folder's ``trackers.json``)."""
+    folder = report.parent
+    trackers = RunTrackers(track, RunInfo(
+        name=f"report-{folder.parent.name}", experiment=experiment, params=dict(params),
+        run_dir=folder, base_dir=base_dir, tags={"ray_lips.report": str(report)}))
+    try:
+        trackers.log_file(report)
+        for sub in ("tables", "figures"):
+            for path in sorted((folder / sub).glob("*")):
+                if path.is_file() and not path.is_symlink():
+                    trackers.log_file(path, sub)
+                    if sub == "figures" and path.suffix == ".png":
+                        trackers.log_figure(path)
+    finally:
+        trackers.close()
 
 
 def run_info(cfg: Any, run_dir: Path, base_dir: Path | None = None, experiment: str | None = None,

@@ -108,11 +108,16 @@ def _wandb_run(folder: Path) -> dict:
     return out
 
 
-def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+def _events(logdir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(logdir))
+    events = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
+    return events
+
+
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = _events(logdir)
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
             for tag in events.Tags()["scalars"]}
 
@@ -259,6 +264,38 @@ def test_trackers_json_names_runs_never_paths(tmp_path):
     (tmp_path / "trackers.json").unlink()
     (tmp_path / "trackers.json").write_text("[1, 2]")
     assert read_logged(tmp_path).ids == {}
+
+
+def test_a_report_is_one_tracker_run_beside_its_runs_with_every_file(tmp_path, tiny_config):
+    """``report --track``: report.md, its tables and figures as artifacts of one run in the
+    runs' MLflow experiment and store; the figures as TensorBoard images and report.md as its
+    text; reporting again logs on to the same run."""
+    path = _config(tmp_path, tiny_config, rounds=2)
+    assert _cli(tmp_path, "run", str(path), "--local", "--track", "mlflow").returncode == 0
+    runs = tmp_path / "runs"
+    for _ in range(2):
+        done = _cli(tmp_path, "report", str(runs), "--track", "mlflow,tensorboard,wandb")
+        assert done.returncode == 0, done.stderr
+        assert "warning" not in done.stderr
+    report_dir = runs / "report"
+    client, found = _mlflow_runs(runs / "mlruns", "tiny")
+    assert len(found) == 2 and "report-runs" in {r.info.run_name for r in found}
+    logged = next(r for r in found if r.info.run_name == "report-runs")
+    assert logged.info.status == "FINISHED" and logged.data.params["baseline"] == "own"
+
+    def files(folder: str = "") -> set[str]:
+        return {a.path for a in client.list_artifacts(logged.info.run_id, folder or None)}
+
+    assert "report.md" in files()
+    assert {f"tables/{p.name}" for p in (report_dir / "tables").iterdir()} == files("tables")
+    figures = {f"figures/{p.name}" for p in (report_dir / "figures").iterdir()}
+    assert figures and figures == files("figures")
+    events = _events(runs / "tensorboard" / "report-runs")
+    assert {f"figures/{Path(f).stem}" for f in figures} <= set(events.Tags()["images"])
+    assert "report/text_summary" in events.Tags()["tensors"]
+    saved = list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/files/report.md"))
+    assert len(saved) == 2  # one per report, the second continuing the first's run id
+    assert saved[0].read_text() == (report_dir / "report.md").read_text()
 
 
 # ----- refusals before any work ------------------------------------------------------------------

@@ -30,6 +30,7 @@ ELIGIBLE_COLOUR = "tab:red"
 FEDAVG_COLOUR = "black"
 SPARSE_COLOUR = "tab:red"
 SPARSE_LABEL = "sparse hand-out"
+FREEZE_LABEL = "freeze fired"  # the mark of a ``handout: freeze`` run's firing rounds
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -203,9 +204,29 @@ def sparse_rounds(rounds: pd.DataFrame) -> list[int]:
     return sorted({int(r) for r in rounds.loc[rounds["density"] < 1.0, "round"]})
 
 
+def freeze_rounds(rounds: pd.DataFrame) -> list[int]:
+    """The rounds after which a ``handout: freeze`` run's trigger fired (``freeze_fired``) in
+    the given rows of its ``rounds.parquet`` (of several runs: in any of them), in order."""
+    if rounds.empty or "freeze_fired" not in rounds:
+        return []
+    fired = rounds["freeze_fired"].eq(True)  # NaN in the rows of other runs
+    return sorted({int(r) for r in rounds.loc[fired, "round"]})
+
+
+def _marks(rounds: pd.DataFrame, handout: str) -> tuple[list[int], str] | None:
+    """The rounds a panel marks, and their label: a LIPS run's sparse hand-outs, a freeze
+    run's firings; None for other hand-outs."""
+    if handout == "lips":
+        return sparse_rounds(rounds), SPARSE_LABEL
+    if handout == "freeze":
+        return freeze_rounds(rounds), FREEZE_LABEL
+    return None
+
+
 def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
                           title: str = "",
-                          sparse: Mapping[str, Sequence[int]] | None = None) -> Figure:
+                          sparse: Mapping[str, Sequence[int]] | None = None,
+                          mark_labels: Mapping[str, str] | None = None) -> Figure:
     """Heat maps of ``rel_update`` (layer x round, shared log colour scale), side by side.
 
     ``panels`` are (title, layers rows) pairs, e.g. FedAvg and LIPS; more than
@@ -214,9 +235,11 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
     differ from the first panel's). Below, the mean ``rel_update`` of the eligible layers per
     round, one line per panel (FedAvg black, LIPS hand-outs dashed). ``sparse`` (panel title ->
     rounds) marks the rounds whose hand-out was sparse: a red triangle above the panel's heat
-    map and a dot on its line below, both labelled :data:`SPARSE_LABEL`.
+    map and a dot on its line below, both labelled :data:`SPARSE_LABEL` (or the panel's
+    ``mark_labels`` entry, e.g. :data:`FREEZE_LABEL` for a freeze run's firings).
     """
     sparse = sparse or {}
+    mark_labels = mark_labels or {}
     matrices = [(name, inertia_matrix(rows) if not rows.empty else None) for name, rows in panels]
     values = np.concatenate([m.to_numpy(dtype=float).ravel() for _, m in matrices
                              if m is not None] or [np.array([])])
@@ -263,7 +286,8 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
         marked = [r for r in sparse.get(name, ()) if r in shown]
         if marked:
             ax.plot(marked, [-0.5] * len(marked), ls="none", marker="v", ms=5,
-                    color=SPARSE_COLOUR, clip_on=False, label=SPARSE_LABEL)
+                    color=SPARSE_COLOUR, clip_on=False,
+                    label=mark_labels.get(name, SPARSE_LABEL))
     if image is not None:
         fig.colorbar(image, cax=fig.add_subplot(spec[:nrows, ncols]),
                      label="relative update ||Δw|| / ||w|| (log)")
@@ -283,7 +307,7 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
         if marked:
             line_ax.plot(marked, mean.loc[marked].to_numpy(), ls="none", marker="o", ms=4,
                          color=colour, markeredgecolor=SPARSE_COLOUR,
-                         label=f"{name}: {SPARSE_LABEL}")
+                         label=f"{name}: {mark_labels.get(name, SPARSE_LABEL)}")
     line_ax.set_yscale("log")
     line_ax.set_xlabel("round")
     line_ax.set_ylabel("mean rel. update,\neligible layers", fontsize=8)
@@ -297,7 +321,7 @@ def inertia_panels_figure(panels: Sequence[tuple[str, pd.DataFrame]],
 def inertia_figure(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """The inertia figure of the given runs (e.g. FedAvg and LIPS of one comparison), as PNG."""
     frames = load(list(run_dirs), tables=("layers", "rounds"))
-    panels, sparse = [], {}
+    panels, sparse, labels = [], {}, {}
     for run_dir in run_dirs:  # in the order given; a folder of runs contributes each of them
         root = Path(run_dir).expanduser().resolve()
         below = [Path(p) == root or root in Path(p).parents for p in frames.runs["path"]]
@@ -305,12 +329,13 @@ def inertia_figure(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             rows = frames.layers[frames.layers["run_id"] == run["run_id"]]
             name = f"{run['method']} (seed {run.get('seed')})"
             panels.append((name, rows))
-            if run.get("handout") == "lips":
-                sparse[name] = sparse_rounds(
-                    frames.rounds[frames.rounds["run_id"] == run["run_id"]])
+            marks = _marks(frames.rounds[frames.rounds["run_id"] == run["run_id"]],
+                           str(run.get("handout")))
+            if marks is not None:
+                sparse[name], labels[name] = marks
     settings = sorted(frames.runs["setting"].unique())
     title = f"Layer-wise inertia: {'; '.join(settings)}"
-    return save(inertia_panels_figure(panels, title, sparse), out)
+    return save(inertia_panels_figure(panels, title, sparse, labels), out)
 
 
 def setting_inertia_figure(layers: pd.DataFrame, setting: str,
@@ -325,7 +350,7 @@ def setting_inertia_figure(layers: pd.DataFrame, setting: str,
     if rows.empty:
         return None
     methods = _method_sort(methods if methods is not None else rows["method"].unique())
-    panels, sparse = [], {}
+    panels, sparse, labels = [], {}, {}
     for method in methods:
         here = rows[rows["method"] == method]
         if here.empty or here["rel_update"].isna().all():
@@ -336,8 +361,10 @@ def setting_inertia_figure(layers: pd.DataFrame, setting: str,
         if rounds is not None and not rounds.empty:
             own = rounds[(rounds["setting"] == setting) & (rounds["method"] == method)
                          & rounds["status"].isin(statuses)]
-            if not own.empty and "handout" in own and (own["handout"] == "lips").all():
-                sparse[name] = sparse_rounds(own)
+            handouts = set(own["handout"]) if not own.empty and "handout" in own else set()
+            marks = _marks(own, handouts.pop()) if len(handouts) == 1 else None
+            if marks is not None:
+                sparse[name], labels[name] = marks
     if not panels:
         return None
-    return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}", sparse)
+    return inertia_panels_figure(panels, f"Layer-wise inertia: {setting}", sparse, labels)

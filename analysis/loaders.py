@@ -43,7 +43,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.methods import ALGORITHMS, LIPS_SECTION, fmt_value, method_of, varying_knobs
+from analysis.methods import (
+    ALGORITHMS,
+    FREEZE_SECTION,
+    LIPS_SECTION,
+    fmt_value,
+    method_of,
+    varying_knobs,
+)
 from ray_lips.core.run_folder import CONFIG_FILE, STATUS_FILE, TABLE_FILES  # names as written
 
 TUNE_PARAMS = "params.json"
@@ -55,7 +62,7 @@ METRICS = ("acc_global", "acc_after", "acc_before", "acc_test")
 # and the method: algorithm, hand-out and the knobs of their sections).
 NOT_SETTING = ("name", "seed", "output", "algorithm", "handout", "data.root",
                "train.checkpoint_every")
-METHOD_SECTIONS = (*ALGORITHMS, LIPS_SECTION)
+METHOD_SECTIONS = (*ALGORITHMS, LIPS_SECTION, FREEZE_SECTION)
 NOT_SETTING_PREFIXES = ("resources.", *(f"{section}." for section in METHOD_SECTIONS))
 CONFIG_SECTIONS = ("data", "train", "resources", *METHOD_SECTIONS)
 # Columns copied from ``runs`` onto the per-run tables so they group without a merge.

@@ -5,7 +5,9 @@ A *method* is an algorithm, the knobs of that algorithm's own config section, an
 - the algorithm: a built-in one (:data:`ALGORITHMS`, from ``ray_lips.algorithms.registry``) or
   one of the user's, named by import path and known here by its section's name; its knobs are
   the keys of the section named after it (``fedprox.mu``, ``ditto.lam``, ...);
-- the hand-out: ``dense``, or ``lips`` with the knobs of the ``lips`` section.
+- the hand-out: ``dense``, ``lips`` with the knobs of the ``lips`` section, or ``freeze``
+  with the knobs of the ``freeze`` section and the ``lips`` knobs its trigger reads
+  (``fedavg+freeze``; its dense twin, the baseline of its gains, is ``fedavg``).
 
 Legacy configs are read as they were meant: ``algorithm: lips`` is FedAvg with the LIPS
 hand-out, and a config without a ``handout`` key hands out dense models.
@@ -57,6 +59,9 @@ UNKNOWN = "-"  # the family or local work of an algorithm that cannot be importe
 LEGACY_LIPS = "lips"  # the old ``algorithm: lips``: FedAvg with the LIPS hand-out
 LIPS_SECTION = "lips"
 LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS label
+FREEZE_SECTION = "freeze"
+# the ``lips`` knobs the freeze hand-out's trigger reads: they tell freeze runs apart as well
+FREEZE_LIPS_KNOBS = ("lips.period", "lips.window", "lips.trigger", "lips.min_gap")
 BASELINES = ("own", "fedavg")
 BASELINE_TEXT = {
     "own": "the same algorithm with the same knobs and the dense hand-out "
@@ -121,6 +126,10 @@ def _own_section(algorithm: str, key: str) -> bool:
 
 
 def _handout_section(handout: str, key: str) -> bool:
+    """Whether ``key`` is a knob of ``handout`` (a freeze run's include the ``lips`` knobs
+    of its trigger, :data:`FREEZE_LIPS_KNOBS`)."""
+    if handout == FREEZE_SECTION and key in FREEZE_LIPS_KNOBS:
+        return True
     return handout != "dense" and key.startswith(f"{handout}.")
 
 
@@ -135,7 +144,8 @@ def varying_knobs(configs: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     for config in configs:
         algorithm, handout = normalise(config)
         for key, value in config.items():
-            if not isinstance(key, str) or missing(value) or key in LIPS_ALWAYS:
+            if (not isinstance(key, str) or missing(value)
+                    or (key in LIPS_ALWAYS and handout == LIPS_SECTION)):
                 continue
             if _own_section(algorithm, key) or _handout_section(handout, key):
                 seen[key].add(knob_text(value))
@@ -178,7 +188,8 @@ def method_of(config: Mapping[str, Any], shown: Iterable[str] = ()) -> Method:
     if handout == LIPS_SECTION:
         parts = [f"{name}={knob_text(config.get(key))}" for key, name in LIPS_ALWAYS.items()]
     parts += [f"{short(k)}={knob_text(config.get(k))}" for k in shown
-              if _handout_section(handout, k)]
+              if _handout_section(handout, k)
+              and not (handout == LIPS_SECTION and k in LIPS_ALWAYS)]
     label = f"{base}+{handout}" + (" " + " ".join(parts) if parts else "")
     return Method(algorithm, handout, label, base)
 

@@ -192,7 +192,8 @@ def not_finished(runs: pd.DataFrame) -> Table:
 
 def _inertia_methods(final: Table, setting: str) -> list[str]:
     """Every method of the setting; when there are more than :data:`MAX_INERTIA_PANELS`, each
-    method without a hand-out plus the best hand-out (by mean) on top of each algorithm."""
+    method without a hand-out plus the best of each hand-out (by mean; LIPS, freeze) on top of
+    each algorithm."""
     data = final.data[final.data["setting"] == setting]
     methods = data["method"].tolist()
     if len(methods) <= MAX_INERTIA_PANELS:
@@ -200,7 +201,7 @@ def _inertia_methods(final: Table, setting: str) -> list[str]:
     mean_col = metric_mean_column(data)
     chosen = data[data["handout"] == "dense"]["method"].tolist()
     handed = data[data["handout"] != "dense"].dropna(subset=[mean_col])
-    for _, group in handed.groupby("base_method", sort=False):
+    for _, group in handed.groupby(["base_method", "handout"], sort=False):
         chosen.append(group.loc[group[mean_col].idxmax(), "method"])
     return [m for m in methods if m in chosen]
 

@@ -35,8 +35,11 @@ def build_algorithm(cfg: ExperimentConfig, model: nn.Module) -> Algorithm:
 
 def build_handout(cfg: ExperimentConfig, eligible: list[str]) -> DenseHandout:
     from ray_lips.algorithms.handouts.dense import DenseHandout
+    from ray_lips.algorithms.handouts.freeze import FreezeHandout
     from ray_lips.algorithms.handouts.lips import LipsHandout
 
+    if cfg.handout == "freeze":
+        return FreezeHandout()
     return LipsHandout(cfg, eligible) if cfg.handout == "lips" else DenseHandout()
 
 

@@ -26,7 +26,7 @@ built from the algorithms' declarations before torch loads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -101,6 +101,24 @@ class TrainJob:
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient comes back
     loss_term: LossTerm | None = None  # added to the cross-entropy at every step
     phases: tuple[Phase, ...] = ()  # given: these phases in place of ``epochs`` of everything
+    frozen: frozenset[str] = frozenset()  # parameters no phase trains (``handout: freeze``)
+
+    def plan(self, epochs: int, parameters: Sequence[str]) -> tuple[Phase, ...]:
+        """The phases the trainer runs: :attr:`phases` (none: ``epochs`` epochs of all of
+        ``parameters``, the model's) with the :attr:`frozen` parameters taken out of each;
+        :attr:`phases` itself when nothing is frozen."""
+        if not self.frozen:
+            return self.phases
+        plan = []
+        for phase in self.phases or (Phase(epochs),):
+            names = parameters if phase.trainable is None else phase.trainable
+            kept = tuple(name for name in names if name not in self.frozen)
+            if not kept:
+                raise ValueError(f"client {self.client}: every parameter a phase of its local "
+                                 "training trains is frozen (handout: freeze); this algorithm "
+                                 "cannot be combined with freezing")
+            plan.append(Phase(phase.epochs, kept))
+        return tuple(plan)
 
     @property
     def one_at_a_time(self) -> bool:
@@ -151,12 +169,14 @@ class ClientRound(ClientView):
     evaluate: bool  # score each trained model on its client's test set (acc_before)
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient the hand-out keeps
     class_counts: Callable[[int], tuple[int, ...]] | None = None  # a client's training labels
+    frozen: frozenset[str] = frozenset()  # parameters no client trains this round (freeze)
 
     def job(self, client: int, start: Tensors, correction: Correction | None = None,
             loss_term: LossTerm | None = None, phases: tuple[Phase, ...] = ()) -> TrainJob:
-        """The round's training of ``client`` (with the gradients the hand-out needs)."""
+        """The round's training of ``client`` (with the gradients the hand-out needs, and
+        without the parameters frozen this round, whatever ``phases`` ask)."""
         return TrainJob(client, start, correction, remember=self.remember,
-                        loss_term=loss_term, phases=phases)
+                        loss_term=loss_term, phases=phases, frozen=self.frozen)
 
 
 @dataclass

@@ -418,7 +418,8 @@ ALGORITHMS_HELP = (
     "Comma-separated methods to run side by side: an algorithm ("
     + ", ".join(registry.names()) + ", or your own as package.module:Class), ALGORITHM+lips "
     "for it with the LIPS hand-out (" + ", ".join(registry.composable_with_lips())
-    + "), or lips (= fedavg+lips).")
+    + "), ALGORITHM+freeze for it with the freeze hand-out (the same algorithms), or lips "
+    "(= fedavg+lips).")
 
 
 @main.command()

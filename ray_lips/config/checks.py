@@ -82,6 +82,10 @@ def check_algorithm(cfg: ExperimentConfig) -> ExperimentConfig:
         why = cls.sparse_handout_conflict or "its class says sparse_handout = False"
         raise ConfigError(f"handout: 'lips' cannot be combined with algorithm: "
                           f"{cfg.algorithm!r} ({why}); use handout: dense")
+    if cfg.handout == "freeze" and not cls.sparse_handout:
+        from ray_lips.config.schema import freeze_conflict
+
+        raise ConfigError(freeze_conflict(cfg.algorithm, cls.sparse_handout_conflict))
     options = options_of(cls, section)
     tree = {key: value for key, value in cfg.to_dict().items() if key not in cfg.model_extra}
     return ExperimentConfig.model_validate({**tree, cls.name: options.model_dump(mode="json")})

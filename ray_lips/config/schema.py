@@ -139,6 +139,16 @@ class LipsConfig(_Strict):
                              "lips.schedule: constant, or a step_round < train.rounds")
 
 
+class FreezeConfig(_Strict):
+    """The ``freeze`` hand-out's knobs (:mod:`ray_lips.core.freeze`): when its trigger fires
+    (``period``: rounds r % ``lips.period`` == 0; ``inertia``: when LIPS's inertia trigger fires,
+    with ``lips.window``, ``lips.trigger``, ``lips.min_gap``) and how many rounds a stalled
+    layer then stays frozen."""
+
+    when: Literal["period", "inertia"] = "inertia"
+    rounds: int = Field(5, ge=1)  # rounds a stalled layer stays frozen after the trigger fires
+
+
 class ResourcesConfig(_Strict):
     pools: int = Field(2, ge=1)
     cpus_per_pool: float = Field(1, gt=0)
@@ -165,6 +175,16 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 def _either(names: tuple[str, ...]) -> str:
     """``a, b or c``."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def freeze_conflict(algorithm: str, why: str = "") -> str:
+    """Why ``handout: freeze`` cannot be combined with ``algorithm`` (one whose class says
+    ``sparse_handout = False``): the rule is LIPS's."""
+    reason = f"; as for LIPS: {why}" if why else ""
+    return (f"handout: 'freeze' cannot be combined with algorithm: {algorithm!r} (freezing "
+            "stalled layers acts on a global body every client is handed and trains, the "
+            f"same rule as LIPS's hand-out, and {algorithm} says sparse_handout = False{reason}; "
+            f"use {_either(registry.composable_with_lips())}, or handout: dense)")
 
 
 def _own_section(tree: dict[str, Any]) -> None:
@@ -194,8 +214,9 @@ class _RunKeys(_Strict):
     # a built-in algorithm's name (ray_lips.algorithms.registry), or an import path
     # "package.module:Class" to one of the user's (imported by config.checks.check_config)
     algorithm: str = "fedavg"
-    handout: Literal["dense", "lips"] = "dense"
+    handout: Literal["dense", "lips", "freeze"] = "dense"
     lips: LipsConfig = LipsConfig()
+    freeze: FreezeConfig = FreezeConfig()
 
 
 # One section per built-in algorithm with options, its keys and defaults its class's Options.
@@ -275,6 +296,8 @@ class ExperimentConfig(_AlgorithmSections):  # type: ignore[misc,valid-type]
             raise ValueError(
                 f"handout: 'lips' cannot be combined with algorithm: {self.algorithm!r} ({why}; "
                 f"use {_either(registry.composable_with_lips())}, or handout: dense)")
+        if self.handout == "freeze" and builtin is not None and not builtin.sparse_handout:
+            raise ValueError(freeze_conflict(self.algorithm, builtin.sparse_handout_conflict))
         if self.handout == "lips":
             self.lips.check_rounds(self.train.rounds)
         if self.resources.pools > self.data.clients:

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from ray_lips.algorithms import build_algorithm, build_handout, client_slots
+from ray_lips.algorithms.base import MODEL
 from ray_lips.algorithms.handouts.lips import LEGACY_CLIENT_SLOTS
 from ray_lips.algorithms.handouts.schedule import triggered_density
 from ray_lips.config import ExperimentConfig, validate_config
 from ray_lips.core.aggregate import FixedSum, add_sums, to_state
+from ray_lips.core.freeze import LayerFreezer
 from ray_lips.core.inertia import InertiaTrigger, eligible_update, layer_metrics
 from ray_lips.core.run_folder import LAYERS_FILE, ROUNDS_FILE, RunWriter, check_run_folder, open_new
 from ray_lips.core.seeding import derive_seed, numpy_rng
@@ -212,6 +214,11 @@ class FederatedRun:
         self.trigger = (InertiaTrigger(cfg.lips.window, cfg.lips.trigger, cfg.lips.gap,
                                        cfg.train.inertia_ref_round)
                         if cfg.handout == "lips" and cfg.lips.schedule == "inertia" else None)
+        self.freezer = (LayerFreezer([g.name for g in self.measured_groups if g.eligible],
+                                     cfg.freeze.when, cfg.freeze.rounds, cfg.lips.period,
+                                     InertiaTrigger(cfg.lips.window, cfg.lips.trigger,
+                                                    cfg.lips.gap, cfg.train.inertia_ref_round))
+                        if cfg.handout == "freeze" else None)
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.server_state = self.algorithm.init_server_state(self.global_state)
         return payloads
@@ -240,6 +247,11 @@ class FederatedRun:
         if density < 1.0:
             self.last_sparse = round_idx
         return density, ratio
+
+    def _frozen_entries(self, layers: tuple[str, ...]) -> tuple[str, ...]:
+        """The parameters of the frozen ``layers``, in model order."""
+        chosen = set(layers)
+        return tuple(n for g in self.measured_groups if g.name in chosen for n in g.param_names)
 
     def _split(self, clients: list[int]) -> list[list[int]]:
         chosen = set(clients)
@@ -278,17 +290,33 @@ class FederatedRun:
         participants = sample_participants(cfg, r)
         evaluate = r % cfg.train.eval_every == 0 or r == cfg.train.rounds - 1
         total_weight = sum(self.samples[c] for c in participants)
+        frozen_layers = self.freezer.frozen_in(r) if self.freezer is not None else ()
+        frozen = self._frozen_entries(frozen_layers)
         trained = self.pools.train_round(
-            [TrainRequest(r, p, total_weight, sum(self.samples.values()), evaluate)
+            [TrainRequest(r, p, total_weight, sum(self.samples.values()), evaluate, frozen)
              for p in self._split(participants)],
             self.algorithm.server_message(self.server_state))
+        averages = self._averages([t.sums for t in trained])
+        if frozen and MODEL in averages:  # no client sent them: their average is the global's
+            averages[MODEL] = {**{k: self.global_state[k] for k in frozen}, **averages[MODEL]}
         new_state, self.server_state = self.algorithm.aggregate(
-            self.global_state, self._averages([t.sums for t in trained]), self.server_state)
+            self.global_state, averages, self.server_state)
+        if frozen:  # bit for bit, whatever the algorithm's aggregation does with them
+            new_state = {**new_state, **{k: self.global_state[k] for k in frozen}}
         if r == cfg.train.inertia_ref_round:
             self.ref_state = new_state
         layers = layer_metrics(r, self.measured_groups, self.global_state, new_state,
                                self.ref_state)
         density, ratio = self._schedule(r, layers)
+        freeze_row: dict[str, Any] = {}
+        if self.freezer is not None:
+            for layer_row in layers:
+                layer_row["frozen"] = layer_row["layer"] in frozen_layers
+            self.freezer.observe(layers)
+            decision = self.freezer.after_round(r)
+            freeze_row = {"frozen_layers": len(frozen_layers), "freeze_fired": decision.fired,
+                          **({"inertia_ratio": decision.ratio}
+                             if decision.ratio is not None else {})}
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
         handed = self.pools.handout(
@@ -305,6 +333,7 @@ class FederatedRun:
         row = {
             "round": r, "density": density,
             **({"inertia_ratio": ratio} if self.trigger is not None else {}),
+            **freeze_row,
             "participants": len(participants),
             "evaluated": evaluate, "train_loss": _mean(train_rows, "loss"),
             "acc_before": _mean(train_rows, "acc_before") if evaluate else nan,
@@ -368,6 +397,7 @@ class FederatedRun:
             "next_round": self.round, "global_state": self.global_state,
             "ref_state": self.ref_state, "server_state": self.server_state,
             "density": self.rounds_rows[-1]["density"], "elapsed": self.elapsed,
+            **({"freeze": self.freezer.state()} if self.freezer is not None else {}),
         }, write_client_state=self._write_client_state)
 
     def _write_client_state(self, folder: Path) -> list[int]:
@@ -414,6 +444,8 @@ class FederatedRun:
         self.updates = eligible_update(self.layers_rows)
         self.last_sparse = max((r["round"] for r in self.rounds_rows if r["density"] < 1.0),
                                default=None)
+        if self.freezer is not None:
+            self.freezer.restore(checkpoint["freeze"], self.layers_rows)
         self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
         # Part by part, each pool gets its own clients' entries (whatever the pool count was)
         owner = {client: pool for pool, block in enumerate(self.assignment) for client in block}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ray_lips.algorithms import build_algorithm, build_handout
-from ray_lips.algorithms.base import ClientRound, ClientView, Tensors
+from ray_lips.algorithms.base import MODEL, ClientRound, ClientView, Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.core.run_folder import open_new
@@ -197,7 +197,8 @@ class ClientPool:
             round_idx=request.round_idx, message=message, trainer=self.trainer,
             samples=self.samples, total_weight=request.total_weight,
             population_weight=request.population_weight, evaluate=request.evaluate,
-            remember=tuple(self.handout_step.remember or ()), class_counts=self.class_counts)
+            remember=tuple(self.handout_step.remember or ()), class_counts=self.class_counts,
+            frozen=frozenset(request.frozen))
 
     def class_counts(self, client: int) -> tuple[int, ...]:
         """How many training samples of each class ``client`` holds."""
@@ -240,6 +241,11 @@ class ClientPool:
                                           f"{request.round_idx}: training loss {update.loss}")
                 if update.last_grads is not None:
                     kept[client] = update.last_grads
+                if request.frozen and MODEL in update.parts:  # the global model keeps them
+                    tensors, weight = update.parts[MODEL]
+                    frozen = set(request.frozen)
+                    update.parts[MODEL] = ({k: v for k, v in tensors.items() if k not in frozen},
+                                           weight)
                 row = {"client": client, "n_train": self.samples(client), "loss": update.loss,
                        "up_bytes": parts_bytes(update.parts)}
                 if request.evaluate:

@@ -24,6 +24,7 @@ class TrainRequest:
     total_weight: int  # training samples of all of the round's participants, over every pool
     population_weight: int  # training samples of all clients, participating or not
     evaluate: bool  # score each trained model on its client's test set (acc_before)
+    frozen: tuple[str, ...] = ()  # parameters no client trains or uploads (handout: freeze)
 
 
 @dataclass

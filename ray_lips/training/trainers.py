@@ -70,6 +70,7 @@ class SerialTrainer:
         self.model, self.shards, self.settings = model, shards, settings
         self.norm, self.seed, self.timed = norm, seed, stopwatch
         self._loaded: Tensors | None = None  # the state the model holds, to skip reloads
+        self.parameters = tuple(name for name, _ in model.named_parameters())
 
     def _load(self, state: Tensors) -> None:
         if state is not self._loaded:
@@ -89,12 +90,13 @@ class SerialTrainer:
             self.model_changed()  # training changes the model
             batch_gen, augment_gen = stream_generators(self.seed, job.stream, job.client,
                                                        round_idx)
+            settings = _settings(self.settings, job)
             with self.timed("train"):
-                result = local_train(self.model, shard.x_train, shard.y_train,
-                                     _settings(self.settings, job), self.norm,
-                                     batch_gen=batch_gen, augment_gen=augment_gen,
+                result = local_train(self.model, shard.x_train, shard.y_train, settings,
+                                     self.norm, batch_gen=batch_gen, augment_gen=augment_gen,
                                      remember=list(job.remember), correction=job.correction,
-                                     loss_term=job.loss_term, phases=job.phases)
+                                     loss_term=job.loss_term,
+                                     phases=job.plan(settings.epochs, self.parameters))
             acc = None
             if evaluate:
                 with self.timed("evaluate"):
@@ -133,6 +135,7 @@ class GroupTrainer:
         self._group: ClientGroup | None = None
         self.fallback = fallback or SerialTrainer(model, shards, settings, norm, seed, stopwatch)
         self._said_serial = False
+        self.parameters = tuple(name for name, _ in model.named_parameters())
 
     @property
     def group(self) -> ClientGroup:
@@ -166,23 +169,25 @@ class GroupTrainer:
                      evaluate: bool) -> list[Trained]:
         slots = self._padded(jobs)
         first = jobs[0]
-        if any((j.stream, j.epochs, j.remember, j.phases)
-               != (first.stream, first.epochs, first.remember, first.phases) for j in jobs):
-            raise ValueError("the jobs of a batched group need one stream, epochs, phases and "
-                             "remembered parameters")
+        if any((j.stream, j.epochs, j.remember, j.phases, j.frozen)
+               != (first.stream, first.epochs, first.remember, first.phases, first.frozen)
+               for j in jobs):
+            raise ValueError("the jobs of a batched group need one stream, epochs, phases, "
+                             "frozen and remembered parameters")
         shards = [self.shards[j.client] for j in slots]
         group = self.group
         group.load([j.start for j in slots])
         gens = [stream_generators(self.seed, j.stream, j.client, round_idx) for j in slots]
+        settings = _settings(self.settings, first)
         with self.timed("train"):
             results = group.train(torch.stack([s.x_train for s in shards]),
                                   torch.stack([s.y_train for s in shards]),
-                                  _settings(self.settings, first), self.norm,
+                                  settings, self.norm,
                                   batch_gens=[g[0] for g in gens],
                                   augment_gens=[g[1] for g in gens],
                                   remember=list(first.remember),
                                   corrections=[j.correction for j in slots],
-                                  phases=first.phases)
+                                  phases=first.plan(settings.epochs, self.parameters))
         accs: list[float | None] = [None] * len(slots)
         if evaluate:
             with self.timed("evaluate"):

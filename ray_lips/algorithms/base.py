@@ -101,6 +101,7 @@ class TrainJob:
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient comes back
     loss_term: LossTerm | None = None  # added to the cross-entropy at every step
     phases: tuple[Phase, ...] = ()  # given: these phases in place of ``epochs`` of everything
+    remember_mean: bool = False  # the remembered gradient: the last epoch's mean, not last batch
 
     @property
     def one_at_a_time(self) -> bool:
@@ -151,12 +152,13 @@ class ClientRound(ClientView):
     evaluate: bool  # score each trained model on its client's test set (acc_before)
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient the hand-out keeps
     class_counts: Callable[[int], tuple[int, ...]] | None = None  # a client's training labels
+    remember_mean: bool = False  # the remembered gradient is the last epoch's mean (epoch_mean)
 
     def job(self, client: int, start: Tensors, correction: Correction | None = None,
             loss_term: LossTerm | None = None, phases: tuple[Phase, ...] = ()) -> TrainJob:
         """The round's training of ``client`` (with the gradients the hand-out needs)."""
         return TrainJob(client, start, correction, remember=self.remember,
-                        loss_term=loss_term, phases=phases)
+                        loss_term=loss_term, phases=phases, remember_mean=self.remember_mean)
 
 
 @dataclass

@@ -181,6 +181,7 @@ class FederatedRun:
         self.layers_rows: list[dict] = []
         self.updates: dict[int, float] = {}  # the inertia trigger's u(r), from layers_rows
         self.last_sparse: int | None = None  # the last round whose hand-out was sparse
+        self.score: dict[str, torch.Tensor] | None = None  # the shared mask's, while it is used
         self.elapsed = 0.0
         checkpoint = self.writer.load_checkpoint(client_slots=client_slots(cfg))
         if checkpoint is not None:
@@ -254,6 +255,18 @@ class FederatedRun:
             out[part] = to_state(total, {k: self.global_state[k] for k in total})
         return out
 
+    def _take_score(self, sums: list[dict[str, FixedSum]]) -> dict[str, torch.Tensor] | None:
+        """``lips.mask: shared``: the participants' summed score, taken out of the pools' sums
+        before the algorithm sees the averages (exact, whatever the pooling); None otherwise."""
+        part = self.handout.score_part
+        if part is None:
+            return None
+        found = [pool.pop(part) for pool in sums if part in pool]
+        if not found:
+            return None
+        total = add_sums(found)
+        return to_state(total, {k: self.global_state[k] for k in total})
+
     def advance(self) -> RoundDone | RunFinished:
         """The run's next step: the next round while rounds remain, then the end."""
         if self.done:
@@ -282,8 +295,10 @@ class FederatedRun:
             [TrainRequest(r, p, total_weight, sum(self.samples.values()), evaluate)
              for p in self._split(participants)],
             self.algorithm.server_message(self.server_state))
+        sums = [t.sums for t in trained]
+        score = self._take_score(sums)
         new_state, self.server_state = self.algorithm.aggregate(
-            self.global_state, self._averages([t.sums for t in trained]), self.server_state)
+            self.global_state, self._averages(sums), self.server_state)
         if r == cfg.train.inertia_ref_round:
             self.ref_state = new_state
         layers = layer_metrics(r, self.measured_groups, self.global_state, new_state,
@@ -291,9 +306,10 @@ class FederatedRun:
         density, ratio = self._schedule(r, layers)
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
+        self.score = score if density < 1.0 else None  # what the hand-out reads
         handed = self.pools.handout(
             [HandoutRequest(r, density, c if evaluate else [], evaluate, receivers=c)
-             for c in self._split(eval_clients)], new_state)
+             for c in self._split(eval_clients)], new_state, self.score)
         self.layers_rows += layers
         self.global_state = new_state
         train_rows = [row for t in trained for row in t.clients]
@@ -368,6 +384,7 @@ class FederatedRun:
             "next_round": self.round, "global_state": self.global_state,
             "ref_state": self.ref_state, "server_state": self.server_state,
             "density": self.rounds_rows[-1]["density"], "elapsed": self.elapsed,
+            **({"lips_score": self.score} if self.handout.score_part is not None else {}),
         }, write_client_state=self._write_client_state)
 
     def _write_client_state(self, folder: Path) -> list[int]:
@@ -414,7 +431,9 @@ class FederatedRun:
         self.updates = eligible_update(self.layers_rows)
         self.last_sparse = max((r["round"] for r in self.rounds_rows if r["density"] < 1.0),
                                default=None)
-        self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
+        self.score = checkpoint.get("lips_score")  # lips.mask: shared
+        self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"],
+                              self.score)
         # Part by part, each pool gets its own clients' entries (whatever the pool count was)
         owner = {client: pool for pool, block in enumerate(self.assignment) for client in block}
         for part in checkpoint.get("client_state", ()):

@@ -94,7 +94,8 @@ class SerialTrainer:
                                      _settings(self.settings, job), self.norm,
                                      batch_gen=batch_gen, augment_gen=augment_gen,
                                      remember=list(job.remember), correction=job.correction,
-                                     loss_term=job.loss_term, phases=job.phases)
+                                     loss_term=job.loss_term, phases=job.phases,
+                                     remember_mean=job.remember_mean)
             acc = None
             if evaluate:
                 with self.timed("evaluate"):
@@ -166,8 +167,9 @@ class GroupTrainer:
                      evaluate: bool) -> list[Trained]:
         slots = self._padded(jobs)
         first = jobs[0]
-        if any((j.stream, j.epochs, j.remember, j.phases)
-               != (first.stream, first.epochs, first.remember, first.phases) for j in jobs):
+        if any((j.stream, j.epochs, j.remember, j.phases, j.remember_mean)
+               != (first.stream, first.epochs, first.remember, first.phases,
+                   first.remember_mean) for j in jobs):
             raise ValueError("the jobs of a batched group need one stream, epochs, phases and "
                              "remembered parameters")
         shards = [self.shards[j.client] for j in slots]
@@ -182,7 +184,8 @@ class GroupTrainer:
                                   augment_gens=[g[1] for g in gens],
                                   remember=list(first.remember),
                                   corrections=[j.correction for j in slots],
-                                  phases=first.phases)
+                                  phases=first.phases,
+                                  remember_mean=first.remember_mean)
         accs: list[float | None] = [None] * len(slots)
         if evaluate:
             with self.timed("evaluate"):

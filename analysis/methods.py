@@ -50,6 +50,7 @@ import pandas as pd
 from ray_lips.algorithms import registry
 from ray_lips.algorithms.base import FAMILIES, Algorithm, AlgorithmOptions, LocalSettings
 from ray_lips.config import ConfigError, ExperimentConfig, TrainConfig, is_import_path
+from ray_lips.config.schema import LipsConfig
 
 # the built-in algorithms, in the order tables list them: by family, then their own order
 ALGORITHMS = tuple(sorted(registry.names(),
@@ -62,6 +63,10 @@ LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS 
 FREEZE_SECTION = "freeze"
 # the ``lips`` knobs the freeze hand-out's trigger reads: they tell freeze runs apart as well
 FREEZE_LIPS_KNOBS = ("lips.period", "lips.window", "lips.trigger", "lips.min_gap")
+# LIPS knobs newer than some recorded runs: a LIPS run whose config lacks one ran its default
+# (so ``mask=shared`` runs are told apart from older per-client ones)
+LIPS_LATER_KEYS = {f"lips.{key}": LipsConfig.model_fields[key].default
+                   for key in ("gradient", "mask")}
 BASELINES = ("own", "fedavg")
 BASELINE_TEXT = {
     "own": "the same algorithm with the same knobs and the dense hand-out "
@@ -143,6 +148,7 @@ def varying_knobs(configs: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     seen: dict[str, set[str]] = defaultdict(set)
     for config in configs:
         algorithm, handout = normalise(config)
+        config = _with_later_defaults(config, handout)
         for key, value in config.items():
             if (not isinstance(key, str) or missing(value)
                     or (key in LIPS_ALWAYS and handout == LIPS_SECTION)):
@@ -150,6 +156,14 @@ def varying_knobs(configs: Iterable[Mapping[str, Any]]) -> frozenset[str]:
             if _own_section(algorithm, key) or _handout_section(handout, key):
                 seen[key].add(knob_text(value))
     return frozenset(key for key, values in seen.items() if len(values) > 1)
+
+
+def _with_later_defaults(config: Mapping[str, Any], handout: str) -> Mapping[str, Any]:
+    """A LIPS run's flattened config with the defaults of :data:`LIPS_LATER_KEYS` it lacks."""
+    if handout != LIPS_SECTION:
+        return config
+    absent = {key: value for key, value in LIPS_LATER_KEYS.items() if missing(config.get(key))}
+    return {**config, **absent} if absent else config
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,7 @@ def method_of(config: Mapping[str, Any], shown: Iterable[str] = ()) -> Method:
     """The method of one flattened config; ``shown`` are the knobs to name (see
     :func:`varying_knobs`)."""
     algorithm, handout = normalise(config)
+    config = _with_later_defaults(config, handout)
     shown = sorted(shown)
     own = [k for k in shown if _own_section(algorithm, k)]
     base = algorithm

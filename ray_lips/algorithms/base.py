@@ -102,6 +102,7 @@ class TrainJob:
     loss_term: LossTerm | None = None  # added to the cross-entropy at every step
     phases: tuple[Phase, ...] = ()  # given: these phases in place of ``epochs`` of everything
     frozen: frozenset[str] = frozenset()  # parameters no phase trains (``handout: freeze``)
+    remember_mean: bool = False  # the remembered gradient: the last epoch's mean, not last batch
 
     def plan(self, epochs: int, parameters: Sequence[str]) -> tuple[Phase, ...]:
         """The phases the trainer runs: :attr:`phases` (none: ``epochs`` epochs of all of
@@ -170,13 +171,15 @@ class ClientRound(ClientView):
     remember: tuple[str, ...] = ()  # parameters whose last-batch gradient the hand-out keeps
     class_counts: Callable[[int], tuple[int, ...]] | None = None  # a client's training labels
     frozen: frozenset[str] = frozenset()  # parameters no client trains this round (freeze)
+    remember_mean: bool = False  # the remembered gradient is the last epoch's mean (epoch_mean)
 
     def job(self, client: int, start: Tensors, correction: Correction | None = None,
             loss_term: LossTerm | None = None, phases: tuple[Phase, ...] = ()) -> TrainJob:
         """The round's training of ``client`` (with the gradients the hand-out needs, and
         without the parameters frozen this round, whatever ``phases`` ask)."""
         return TrainJob(client, start, correction, remember=self.remember,
-                        loss_term=loss_term, phases=phases, frozen=self.frozen)
+                        loss_term=loss_term, phases=phases, frozen=self.frozen,
+                        remember_mean=self.remember_mean)
 
 
 @dataclass

@@ -33,6 +33,8 @@ MODELS = (
 )
 PARTITIONS = ("dirichlet", "pathological", "iid", "uniform")
 SCORERS = ("sensitivity", "magnitude", "gradient", "random")
+# lips.mask shared: fp16 |g| (< 2^16) on the 2^-32 grid, summed in int64 (< 2^63)
+MAX_SHARED_MASK_CLIENTS = 2**15
 _NAME = r"[A-Za-z_]\w*"
 IMPORT_PATH = re.compile(rf"{_NAME}(?:\.{_NAME})*:{_NAME}(?:\.{_NAME})*")
 
@@ -124,6 +126,20 @@ class LipsConfig(_Strict):
     window: int = Field(3, ge=1)  # inertia: rounds averaged into the signal
     trigger: float = Field(0.5, ge=0)  # inertia: sparse when signal < trigger x its reference
     min_gap: int | None = Field(None, ge=1)  # inertia: rounds between sparse ones (null: period)
+    # the remembered gradient g_k: the last mini-batch's (reference) or the last epoch's mean
+    gradient: Literal["last_batch", "epoch_mean"] = "last_batch"
+    # per_client (reference): ranked by each client's own g_k; shared: one mask for every
+    # client from the participants' summed |g_k|
+    mask: Literal["per_client", "shared"] = "per_client"
+
+    @model_validator(mode="after")
+    def _gradient_needs_a_gradient_scorer(self) -> LipsConfig:
+        if self.gradient != "last_batch" and self.scorer not in ("sensitivity", "gradient"):
+            raise ValueError(f"lips.gradient: {self.gradient!r} changes the gradient the "
+                             f"scorer ranks by, but lips.scorer {self.scorer!r} reads no "
+                             "gradient; use lips.scorer sensitivity or gradient, or "
+                             "lips.gradient: last_batch")
+        return self
 
     @property
     def gap(self) -> int:
@@ -300,6 +316,12 @@ class ExperimentConfig(_AlgorithmSections):  # type: ignore[misc,valid-type]
             raise ValueError(freeze_conflict(self.algorithm, builtin.sparse_handout_conflict))
         if self.handout == "lips":
             self.lips.check_rounds(self.train.rounds)
+        if (self.handout == "lips" and self.lips.mask == "shared"
+                and self.data.clients > MAX_SHARED_MASK_CLIENTS):
+            raise ValueError(
+                f"lips.mask: 'shared' sums the participants' fp16 |g| exactly in int64, which "
+                f"holds at most {MAX_SHARED_MASK_CLIENTS} clients; data.clients is "
+                f"{self.data.clients}: use lips.mask: per_client")
         if self.resources.pools > self.data.clients:
             raise ValueError(
                 f"resources.pools: {self.resources.pools} pools for {self.data.clients} "

@@ -183,6 +183,7 @@ class FederatedRun:
         self.layers_rows: list[dict] = []
         self.updates: dict[int, float] = {}  # the inertia trigger's u(r), from layers_rows
         self.last_sparse: int | None = None  # the last round whose hand-out was sparse
+        self.score: dict[str, torch.Tensor] | None = None  # the shared mask's, while it is used
         self.elapsed = 0.0
         checkpoint = self.writer.load_checkpoint(client_slots=client_slots(cfg))
         if checkpoint is not None:
@@ -266,6 +267,18 @@ class FederatedRun:
             out[part] = to_state(total, {k: self.global_state[k] for k in total})
         return out
 
+    def _take_score(self, sums: list[dict[str, FixedSum]]) -> dict[str, torch.Tensor] | None:
+        """``lips.mask: shared``: the participants' summed score, taken out of the pools' sums
+        before the algorithm sees the averages (exact, whatever the pooling); None otherwise."""
+        part = self.handout.score_part
+        if part is None:
+            return None
+        found = [pool.pop(part) for pool in sums if part in pool]
+        if not found:
+            return None
+        total = add_sums(found)
+        return to_state(total, {k: self.global_state[k] for k in total})
+
     def advance(self) -> RoundDone | RunFinished:
         """The run's next step: the next round while rounds remain, then the end."""
         if self.done:
@@ -296,7 +309,9 @@ class FederatedRun:
             [TrainRequest(r, p, total_weight, sum(self.samples.values()), evaluate, frozen)
              for p in self._split(participants)],
             self.algorithm.server_message(self.server_state))
-        averages = self._averages([t.sums for t in trained])
+        sums = [t.sums for t in trained]
+        score = self._take_score(sums)
+        averages = self._averages(sums)
         if frozen and MODEL in averages:  # no client sent them: their average is the global's
             averages[MODEL] = {**{k: self.global_state[k] for k in frozen}, **averages[MODEL]}
         new_state, self.server_state = self.algorithm.aggregate(
@@ -319,9 +334,10 @@ class FederatedRun:
                              if decision.ratio is not None else {})}
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
+        self.score = score if density < 1.0 else None  # what the hand-out reads
         handed = self.pools.handout(
             [HandoutRequest(r, density, c if evaluate else [], evaluate, receivers=c)
-             for c in self._split(eval_clients)], new_state)
+             for c in self._split(eval_clients)], new_state, self.score)
         self.layers_rows += layers
         self.global_state = new_state
         train_rows = [row for t in trained for row in t.clients]
@@ -398,6 +414,7 @@ class FederatedRun:
             "ref_state": self.ref_state, "server_state": self.server_state,
             "density": self.rounds_rows[-1]["density"], "elapsed": self.elapsed,
             **({"freeze": self.freezer.state()} if self.freezer is not None else {}),
+            **({"lips_score": self.score} if self.handout.score_part is not None else {}),
         }, write_client_state=self._write_client_state)
 
     def _write_client_state(self, folder: Path) -> list[int]:
@@ -446,7 +463,9 @@ class FederatedRun:
                                default=None)
         if self.freezer is not None:
             self.freezer.restore(checkpoint["freeze"], self.layers_rows)
-        self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"])
+        self.score = checkpoint.get("lips_score")  # lips.mask: shared
+        self.pools.set_global(self.round - 1, self.global_state, checkpoint["density"],
+                              self.score)
         # Part by part, each pool gets its own clients' entries (whatever the pool count was)
         owner = {client: pool for pool, block in enumerate(self.assignment) for client in block}
         for part in checkpoint.get("client_state", ()):

@@ -198,7 +198,8 @@ class ClientPool:
             samples=self.samples, total_weight=request.total_weight,
             population_weight=request.population_weight, evaluate=request.evaluate,
             remember=tuple(self.handout_step.remember or ()), class_counts=self.class_counts,
-            frozen=frozenset(request.frozen))
+            frozen=frozenset(request.frozen),
+            remember_mean=self.handout_step.remember_mean)
 
     def class_counts(self, client: int) -> tuple[int, ...]:
         """How many training samples of each class ``client`` holds."""
@@ -209,11 +210,14 @@ class ClientPool:
     def clients(self) -> list[int]:
         return sorted(self.sizes)
 
-    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+    def set_global(self, round_idx: int, state: Tensors, density: float,
+                   score: Tensors | None = None) -> None:
         """Hold ``state`` as the global model, handed out with ``density`` after
-        ``round_idx`` (-1: the initial model)."""
+        ``round_idx`` (-1: the initial model); ``score``: a shared mask's summed score."""
         self.global_state = {k: v.to(self.device) for k, v in state.items()}
-        self.handout_step.start_round(round_idx, density)
+        if score is not None:
+            score = {k: v.to(self.device) for k, v in score.items()}
+        self.handout_step.start_round(round_idx, density, score)
 
     def plan_groups(self, clients: list[int]) -> list[list[int]]:
         """Clients in training groups: batched, up to ``group_size`` clients with equal train
@@ -233,6 +237,8 @@ class ClientPool:
         sums: dict[str, FixedSum] = {}
         rows: dict[int, dict[str, Any]] = {}
         kept: dict[int, dict[str, torch.Tensor]] = {}
+        score_part = (self.handout_step.score_part
+                      if self.handout_step.wants_score(request.round_idx) else None)
         for members in self.plan_groups(request.participants):
             for update in self.algorithm.train(this_round, members):
                 client = update.client
@@ -248,6 +254,10 @@ class ClientPool:
                                            weight)
                 row = {"client": client, "n_train": self.samples(client), "loss": update.loss,
                        "up_bytes": parts_bytes(update.parts)}
+                if score_part is not None and update.last_grads is not None:
+                    score = self.handout_step.score_of(update.last_grads)
+                    sums[score_part] = add_client(sums.get(score_part), score, 1.0, client)
+                    row["up_bytes"] += state_bytes(score)  # its fp16 |g| travels too
                 if request.evaluate:
                     row["acc_before"] = update.acc_before
                 rows[client] = row
@@ -257,9 +267,11 @@ class ClientPool:
         sums = {part: {k: v.cpu() for k, v in total.items()} for part, total in sums.items()}
         return TrainReply(sums, [rows[c] for c in request.participants])
 
-    def handout(self, request: HandoutRequest, state: Tensors) -> HandoutReply:
-        """Take the new global model; score what the listed clients now hold."""
-        self.set_global(request.round_idx, state, request.density)
+    def handout(self, request: HandoutRequest, state: Tensors,
+                score: Tensors | None = None) -> HandoutReply:
+        """Take the new global model (and a shared mask's summed ``score``); score what the
+        listed clients now hold."""
+        self.set_global(request.round_idx, state, request.density, score)
         with self.stopwatch("evaluate"):
             reply = self._score_holdings(request.eval_clients, request.eval_test)
         reply.traffic = self.downloads(request.receivers)

@@ -65,9 +65,11 @@ class PoolGroup(ABC):
     @abstractmethod
     def shutdown(self) -> None: ...
 
-    def set_global(self, round_idx: int, state: Tensors, density: float) -> None:
+    def set_global(self, round_idx: int, state: Tensors, density: float,
+                   score: Tensors | None = None) -> None:
+        extra = () if score is None else (score,)  # a shared mask's summed score
         self.call(PoolCall(ClientPool.set_global, "set_global",
-                           shared=(round_idx, state, density)))
+                           shared=(round_idx, state, density, *extra)))
 
     def train_round(self, requests: list[TrainRequest],
                     message: dict[str, Tensors]) -> list[TrainReply]:
@@ -75,10 +77,14 @@ class PoolGroup(ABC):
         return self.call(PoolCall(ClientPool.train_round, "training", requests, (message,),
                                   busiest * self.cfg.train.local_epochs))
 
-    def handout(self, requests: list[HandoutRequest], state: Tensors) -> list[HandoutReply]:
+    def handout(self, requests: list[HandoutRequest], state: Tensors,
+                score: Tensors | None = None) -> list[HandoutReply]:
+        """Pool i hands out ``state`` per ``requests[i]``; ``score``: a shared mask's summed
+        score, sent only when the hand-out needs it."""
         evaluates = any(r.eval_test or r.eval_clients for r in requests)
+        extra = () if score is None else (score,)
         return self.call(PoolCall(ClientPool.handout, "hand-out with evaluation" if evaluates
-                                  else "hand-out", requests, (state,)))
+                                  else "hand-out", requests, (state, *extra)))
 
     def finetune(self, epochs: int) -> list[list[dict[str, Any]]]:
         # each client fine-tunes ``epochs`` and is scored about as often as an epoch costs

@@ -40,6 +40,7 @@ from ray_lips.data.augment import prepare_batch
 from ray_lips.models import VGG, BasicBlock, ResNet, SmallCNN
 from ray_lips.training.local import (
     Correction,
+    GradientMean,
     LocalResult,
     LocalSettings,
     Normalisation,
@@ -211,7 +212,8 @@ class ClientGroup:
               augment_gens: Sequence[torch.Generator],
               remember: list[str] | None = None,
               corrections: Sequence[Correction | None] | None = None,
-              phases: Sequence[Phase] = ()) -> list[LocalResult]:
+              phases: Sequence[Phase] = (),
+              remember_mean: bool = False) -> list[LocalResult]:
         """Train the loaded clients on ``x`` (G, n, ...) / ``y`` (G, n) like ``local_train``,
         client k with ``corrections[k]`` added to its gradients, every client through the
         same ``phases`` (see ``local_train``)."""
@@ -228,6 +230,7 @@ class ClientGroup:
         offsets = torch.arange(g, device=self.device)[:, None] * n  # client k's rows start at k*n
         total_loss = torch.zeros(g, device=self.device)
         last_grads = None
+        grad_sums = GradientMean(remember) if remember and remember_mean else None
         try:
             for number, phase in enumerate(plan):
                 trained = params if phase.trainable is None else [
@@ -256,7 +259,10 @@ class ClientGroup:
                             correct()
                         if settings.grad_clip is not None:
                             _clip_per_client(params, g, settings.grad_clip)
-                        if (final and epoch == phase.epochs - 1
+                        if grad_sums is not None and final and epoch == phase.epochs - 1:
+                            grad_sums.add({name: self.tensors[name].grad for name in remember},
+                                          self.tensors)
+                        elif (final and epoch == phase.epochs - 1
                                 and start + settings.batch_size >= n and remember):
                             last_grads = {name: self._last_grad(name) for name in remember}
                         sgd.step()
@@ -266,6 +272,10 @@ class ClientGroup:
             if phases:
                 for param, flag in zip(params, wanted, strict=True):
                     param.requires_grad_(flag)
+        if grad_sums is not None:
+            mean = grad_sums.mean()
+            last_grads = None if mean is None else {
+                name: t.reshape(self.clients, *self.shapes[name]) for name, t in mean.items()}
         steps = self.steps
         losses_out = (total_loss / max(steps, 1)).tolist()
         return [LocalResult(loss=losses_out[k], steps=steps,

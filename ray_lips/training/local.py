@@ -18,9 +18,9 @@ from ray_lips.training.spec import (
     TermBatch,
 )
 
-__all__ = ["Correction", "LocalResult", "LocalSettings", "LossTerm", "Normalisation", "Phase",
-           "TermBatch", "accuracy", "correct_gradients", "local_train", "precision_autocast",
-           "recalibrate_batchnorm"]
+__all__ = ["Correction", "GradientMean", "LocalResult", "LocalSettings", "LossTerm",
+           "Normalisation", "Phase", "TermBatch", "accuracy", "correct_gradients", "local_train",
+           "precision_autocast", "recalibrate_batchnorm"]
 
 
 def correct_gradients(params: Mapping[str, torch.Tensor], correction: Correction) -> None:
@@ -47,7 +47,8 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
                 remember: list[str] | None = None,
                 correction: Correction | None = None,
                 loss_term: LossTerm | None = None,
-                phases: Sequence[Phase] = ()) -> LocalResult:
+                phases: Sequence[Phase] = (),
+                remember_mean: bool = False) -> LocalResult:
     """Train ``model`` in place for ``settings.epochs`` epochs with a fresh SGD optimiser.
 
     Batch order comes from ``batch_gen`` and augmentation from ``augment_gen`` (both CPU
@@ -55,7 +56,9 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
     algorithm's term of the local objective) is added to every step's gradient. When
     ``remember`` names parameters, their gradients on the last mini-batch of the last epoch
     (the corrected, clipped gradient the optimiser steps with) are returned in fp16 (zeros for
-    a parameter the last phase does not train).
+    a parameter the last phase does not train). With ``remember_mean`` they are instead the
+    mean of that same per-step gradient over every mini-batch of the last epoch (of the last
+    phase), summed in at least float32 and then stored in fp16.
 
     The seams an algorithm may use: ``loss_term`` is added to every step's cross-entropy (it
     sees the batch's logits and representation, :class:`TermBatch`; one whose
@@ -75,6 +78,7 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
     n = x.shape[0]
     total_loss, steps = torch.zeros((), device=device), 0
     last_grads = None
+    grad_sums = GradientMean(remember) if remember and remember_mean else None
     try:
         for number, phase in enumerate(plan):
             trainable = params if phase.trainable is None else {
@@ -108,7 +112,10 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
                         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
                     is_last = (final and epoch == phase.epochs - 1
                                and start + settings.batch_size >= n)
-                    if is_last and remember:
+                    if grad_sums is not None and final and epoch == phase.epochs - 1:
+                        grad_sums.add({name: params[name].grad for name in remember},
+                                      {name: params[name] for name in remember})
+                    elif is_last and remember:
                         last_grads = {name: _grad_or_zeros(params[name]) for name in remember}
                     optimiser.step()
                     total_loss += loss.detach().float()
@@ -119,12 +126,42 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Lo
         if phases:
             for name, param in params.items():
                 param.requires_grad_(wanted[name])
+    if grad_sums is not None:
+        last_grads = grad_sums.mean()
     return LocalResult(loss=float(total_loss) / max(steps, 1), steps=steps, last_grads=last_grads)
 
 
 def _grad_or_zeros(param: torch.Tensor) -> torch.Tensor:
     grad = param.grad if param.grad is not None else torch.zeros_like(param)
     return grad.detach().to(torch.float16).clone()
+
+
+class GradientMean:
+    """The running sum of the gradients of ``names`` over a run of mini-batches, in float32
+    (float64 for a float64 model), and their mean in fp16 (``lips.gradient: epoch_mean``).
+    A parameter without a gradient in a step (frozen) adds zeros. Both training paths use it,
+    one client's tensors or a group's wide ones alike."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, grads: Mapping[str, torch.Tensor | None],
+            like: Mapping[str, torch.Tensor]) -> None:
+        for name in self.names:
+            grad = grads[name]
+            if grad is None:
+                grad = torch.zeros_like(like[name])
+            grad = grad.detach().to(torch.promote_types(grad.dtype, torch.float32))
+            self.sums[name] = self.sums[name] + grad if name in self.sums else grad.clone()
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor] | None:
+        if not self.count:
+            return None
+        return {name: (total / self.count).to(torch.float16) for name, total in self.sums.items()}
 
 
 class _RepresentationTap:

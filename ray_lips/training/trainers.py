@@ -96,7 +96,8 @@ class SerialTrainer:
                                      self.norm, batch_gen=batch_gen, augment_gen=augment_gen,
                                      remember=list(job.remember), correction=job.correction,
                                      loss_term=job.loss_term,
-                                     phases=job.plan(settings.epochs, self.parameters))
+                                     phases=job.plan(settings.epochs, self.parameters),
+                                     remember_mean=job.remember_mean)
             acc = None
             if evaluate:
                 with self.timed("evaluate"):
@@ -169,9 +170,9 @@ class GroupTrainer:
                      evaluate: bool) -> list[Trained]:
         slots = self._padded(jobs)
         first = jobs[0]
-        if any((j.stream, j.epochs, j.remember, j.phases, j.frozen)
-               != (first.stream, first.epochs, first.remember, first.phases, first.frozen)
-               for j in jobs):
+        if any((j.stream, j.epochs, j.remember, j.phases, j.frozen, j.remember_mean)
+               != (first.stream, first.epochs, first.remember, first.phases, first.frozen,
+                   first.remember_mean) for j in jobs):
             raise ValueError("the jobs of a batched group need one stream, epochs, phases, "
                              "frozen and remembered parameters")
         shards = [self.shards[j.client] for j in slots]
@@ -187,7 +188,8 @@ class GroupTrainer:
                                   augment_gens=[g[1] for g in gens],
                                   remember=list(first.remember),
                                   corrections=[j.correction for j in slots],
-                                  phases=first.plan(settings.epochs, self.parameters))
+                                  phases=first.plan(settings.epochs, self.parameters),
+                                  remember_mean=first.remember_mean)
         accs: list[float | None] = [None] * len(slots)
         if evaluate:
             with self.timed("evaluate"):

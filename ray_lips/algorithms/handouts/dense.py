@@ -26,6 +26,8 @@ class DenseHandout:
 
     name = "dense"
     remember: list[str] | None = None  # parameters whose last-batch gradient must be kept
+    remember_mean: bool = False  # keep the last epoch's mean gradient instead (epoch_mean)
+    score_part: str | None = None  # the aggregated part of a shared mask's score (LIPS shared)
     client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots it keeps
 
     # ----- server side --------------------------------------------------------------------
@@ -33,8 +35,18 @@ class DenseHandout:
         return 1.0
 
     # ----- client side --------------------------------------------------------------------
-    def start_round(self, round_idx: int, density: float) -> None:
-        """The hand-out after round ``round_idx`` is made with ``density``."""
+    def start_round(self, round_idx: int, density: float,
+                    score: Tensors | None = None) -> None:
+        """The hand-out after round ``round_idx`` is made with ``density`` (and, for a shared
+        mask, the participants' summed ``score`` from :attr:`score_part`)."""
+
+    def wants_score(self, round_idx: int) -> bool:
+        """Whether the trained clients of ``round_idx`` add to :attr:`score_part`."""
+        return False
+
+    def score_of(self, grads: Tensors) -> Tensors:
+        """What a trained client adds to :attr:`score_part` (weight 1), from its gradients."""
+        raise NotImplementedError(f"the {self.name} hand-out aggregates no score")
 
     def handed(self, global_state: Tensors, client: int, store: ClientStore) -> Tensors:
         return global_state

@@ -24,7 +24,7 @@ from ray_lips.algorithms.base import ClientRound, ClientView, Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.core.run_folder import open_new
-from ray_lips.core.traffic import parts_bytes, state_bytes
+from ray_lips.core.traffic import individual_bytes, parts_bytes, state_bytes
 from ray_lips.models import build_model, eligible_parameter_names
 from ray_lips.pools.allocator import keep_buffers_in_heap
 from ray_lips.pools.client_store import ClientStore, EntryInfo
@@ -232,6 +232,7 @@ class ClientPool:
         sums: dict[str, FixedSum] = {}
         rows: dict[int, dict[str, Any]] = {}
         kept: dict[int, dict[str, torch.Tensor]] = {}
+        individual: dict[int, dict[str, Tensors]] = {}
         for members in self.plan_groups(request.participants):
             for update in self.algorithm.train(this_round, members):
                 client = update.client
@@ -240,8 +241,13 @@ class ClientPool:
                                           f"{request.round_idx}: training loss {update.loss}")
                 if update.last_grads is not None:
                     kept[client] = update.last_grads
+                up_bytes = parts_bytes(update.parts)
+                if update.individual:
+                    up_bytes += individual_bytes(update.individual, update.parts)
+                    individual[client] = {part: {k: v.cpu() for k, v in tensors.items()}
+                                          for part, tensors in update.individual.items()}
                 row = {"client": client, "n_train": self.samples(client), "loss": update.loss,
-                       "up_bytes": parts_bytes(update.parts)}
+                       "up_bytes": up_bytes}
                 if request.evaluate:
                     row["acc_before"] = update.acc_before
                 rows[client] = row
@@ -249,15 +255,32 @@ class ClientPool:
                     sums[part] = add_client(sums.get(part), tensors, weight, client=client)
         self.handout_step.keep(self.store, kept)
         sums = {part: {k: v.cpu() for k, v in total.items()} for part, total in sums.items()}
-        return TrainReply(sums, [rows[c] for c in request.participants])
+        return TrainReply(sums, [rows[c] for c in request.participants], individual)
 
     def handout(self, request: HandoutRequest, state: Tensors) -> HandoutReply:
-        """Take the new global model; score what the listed clients now hold."""
+        """Take the new global model and what the algorithm personalised for each client;
+        score what the listed clients now hold."""
         self.set_global(request.round_idx, state, request.density)
+        if request.personal:
+            self.deliver(request.personal)
         with self.stopwatch("evaluate"):
             reply = self._score_holdings(request.eval_clients, request.eval_test)
         reply.traffic = self.downloads(request.receivers)
+        if request.personal:
+            for row in reply.traffic:
+                extra = state_bytes(request.personal.get(row["client"], {}))
+                row["down_bytes"] += extra
+                row["down_bytes_dense"] += extra
         return reply
+
+    def deliver(self, personal: dict[int, Tensors]) -> None:
+        """Put each client's personalised tensors in the algorithm's ``personalised_slot``."""
+        slot = self.algorithm.personalised_slot
+        if not slot:
+            raise ValueError(f"algorithm {self.algorithm.name!r} personalised tensors for "
+                             "clients but declares no personalised_slot to keep them in")
+        for client, tensors in personal.items():
+            self.store.put(client, slot, {k: v.to(self.device) for k, v in tensors.items()})
 
     def downloads(self, receivers: list[int]) -> list[dict[str, Any]]:
         """Each receiver's download of the hand-out just set (bytes as handed, and were it

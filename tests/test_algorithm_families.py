@@ -34,7 +34,7 @@ def test_every_algorithm_is_in_the_family_of_what_its_clients_predict_with():
     assert set(families.values()) <= set(FAMILIES)
     assert {name for name, f in families.items() if f == PERSONAL_MODELS} == {"ditto", "local"}
     assert {name for name, f in families.items() if f == GLOBAL_BODY} == {
-        "fedbn", "fedper", "fedrep", "fedrod"}
+        "fedbn", "fedper", "fedrep", "fedrod", "fedcac"}
     assert families["fedavg"] == families["fedbabu"] == GLOBAL_MODEL
 
 
@@ -47,6 +47,7 @@ def test_local_work_counts_every_epoch_a_round_trains():
     assert str(_work("fedrep", head_epochs=2, body_epochs=1)) == "3 (2 head + 1 body)"
     assert str(_work("moon")) == "3 (+2 forward passes of frozen models)"
     assert str(_work("moon", mu=0.0)) == "3"  # mu = 0 is FedAvg: no contrastive forwards
+    assert str(_work("fedcac")) == "3"  # FedAvg's epochs; the mask costs no pass
 
 
 def test_a_users_algorithm_gets_fedavgs_family_and_work():

@@ -134,7 +134,10 @@ def _run_rounds(pool: ClientPool, state: dict, rounds: list[list[int]]):
         averages = {part: to_state(sums, {k: state[k] for k in sums})
                     for part, sums in reply.sums.items()}
         state, server = alg.aggregate(state, averages, server)
-        handed = pool.handout(HandoutRequest(r, 1.0, pool.clients(), False), state)
+        personal = (alg.personalise(dict(sorted(reply.individual.items())), state, r, server)
+                    if reply.individual else {})
+        handed = pool.handout(HandoutRequest(r, 1.0, pool.clients(), False,
+                                             personal=personal), state)
         out.append((state, reply.clients, handed.clients))
     held = {c: {k: v.clone() for k, v in alg.held_state(pool.view(), c).items()}
             for c in pool.clients()}

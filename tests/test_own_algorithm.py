@@ -69,6 +69,12 @@ def package(tmp_path, monkeypatch) -> Path:
 
         class Taken(Algorithm):
             name = "train"
+
+        class Unkept(Algorithm):
+            name = "unkept"
+
+            def personalise(self, individual, global_state, round_idx, server_state):
+                return {}
         """))
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
     for module in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
@@ -113,6 +119,9 @@ def test_check_config_validates_the_section_with_the_class_and_writes_it_whole(p
      r"ray_lips.algorithms.base.Algorithm"),
     ({"algorithm": "mypkg.broken:Nameless"}, r"algorithm: 'mypkg.broken:Nameless' has no name"),
     ({"algorithm": "mypkg.broken:Taken"}, r"algorithm: 'mypkg.broken:Taken' is named 'train'"),
+    ({"algorithm": "mypkg.broken:Unkept"},
+     r"algorithm: 'mypkg.broken:Unkept' overrides personalise but its personalised_slot '' is "
+     r"not one of its client_slots"),
     ({"algorithm": "mypkg.algos:FedAvgM", "fedavgm": {"beta": 1.5}},
      r"fedavgm.beta: Input should be less than 1"),
     ({"algorithm": "mypkg.algos:FedAvgM", "fedavgm": {"momentum": 0.9}},

@@ -273,7 +273,7 @@ def test_baseline_specs_cover_every_algorithm_each_composable_one_with_lips(name
 
 
 def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
-    """Each of the 24 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
+    """Each of the 26 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
     with the grid's model (VGG11-BN) and every other setting as shipped."""
     from ray_lips.core.run import run_local
 
@@ -283,7 +283,7 @@ def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
               "resources.pools=2", "resources.gpus_per_pool=0", "sweep.grid.seed=[0]",
               "data.synthetic.train_size=100", "data.synthetic.test_size=50"]
     spec = load_spec(SWEEPS / "paper_baselines_cifar10.yaml", shrink)
-    assert spec.total_trials == 24
+    assert spec.total_trials == 26
     for k, cfg in enumerate(spec.trial_configs()):
         assert cfg.model == "vgg11_bn" and cfg.lips.sparsity == 0.5
         summary = run_local(cfg, tmp_path / f"t{k}")

@@ -12,6 +12,11 @@ sparse hand-out may compose with it, the client-state slots it keeps) and has tw
 - server (runs in the driver): :meth:`Algorithm.server_message` is what a round sends to the
   pools besides the model, and :meth:`Algorithm.aggregate` turns the averaged parts into the next
   global state (and server state).
+- one client at a time (optional, FedCAC): a client may also send tensors the server sees as
+  its own, not summed (:attr:`ClientUpdate.individual`); the server's
+  :meth:`Algorithm.personalise` turns them into tensors for each client, which reach that
+  client's store slot (``personalised_slot``) with the round's hand-out, before the pool scores
+  what its clients hold.
 
 An algorithm is built from its own options and the run's local-training settings
 (:class:`~ray_lips.training.spec.LocalSettings`), never the whole config. Aggregation itself is
@@ -191,6 +196,9 @@ class ClientUpdate:
     parts: dict[str, tuple[Tensors, float]] = field(default_factory=dict)
     last_grads: dict[str, torch.Tensor] | None = None  # for the hand-out (LIPS)
     acc_before: float | None = None
+    # tensors the server sees as this client's own, by part name, never summed (FedCAC's model
+    # and critical mask); a tensor that is also in ``parts`` (the same object) uploads once
+    individual: dict[str, Tensors] | None = None
 
 
 class Algorithm:
@@ -198,7 +206,8 @@ class Algorithm:
 
     A subclass sets ``name`` (the config's ``algorithm`` value and the name of its section),
     and may set ``Options`` (its section), ``label``, ``family``, ``has_global_model``,
-    ``sparse_handout``, ``client_slots`` and ``order``, and override :meth:`local_work`.
+    ``sparse_handout``, ``client_slots``, ``personalised_slot`` and ``order``, and override
+    :meth:`local_work`.
 
     ``family`` is what a client predicts with: the global model (:data:`GLOBAL_MODEL`), an
     averaged body with parts of its own (:data:`GLOBAL_BODY`), or a model of its own
@@ -221,6 +230,7 @@ class Algorithm:
     client_slots: ClassVar[tuple[str, ...]] = ()  # the ClientStore slots its clients keep
     order: ClassVar[int] = 100  # its place in lists, tables and figures (then by name)
     local_slot: ClassVar[str] = ""  # the client-state slot of its local entries, if any
+    personalised_slot: ClassVar[str] = ""  # the slot what personalise() returns a client goes to
 
     def __init__(self, options: AlgorithmOptions, settings: LocalSettings, model: nn.Module):
         """``options``: its section; ``settings``: the run's local training; ``model``: the
@@ -256,6 +266,17 @@ class Algorithm:
         """The next global state and server state from the weighted sums of the parts
         (FedAvg: the clients' average replaces every entry it holds)."""
         return {**global_state, **averages[MODEL]}, dict(server_state)
+
+    def personalise(self, individual: Mapping[int, Mapping[str, Tensors]], global_state: Tensors,
+                    round_idx: int, server_state: Tensors) -> dict[int, dict[str, torch.Tensor]]:
+        """What each client gets of its own after round ``round_idx`` (FedCAC: its customised
+        model), from what every participant sent individually (``individual``: client -> its
+        :attr:`ClientUpdate.individual`, in client order, on the CPU) and the new global state.
+        Called by the driver after :meth:`aggregate`, only in rounds where some participant
+        sent something individually; each client's result is put in its store slot
+        ``personalised_slot`` (replacing what was there) with the round's hand-out. Default:
+        nothing."""
+        return {}
 
     # ----- client side --------------------------------------------------------------------
     def train(self, round: ClientRound, clients: list[int]) -> list[ClientUpdate]:

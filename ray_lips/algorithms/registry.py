@@ -74,6 +74,11 @@ def algorithm_class(algorithm: str) -> type[Algorithm]:
     if not (inspect.isclass(cls.Options) and issubclass(cls.Options, AlgorithmOptions)):
         raise ConfigError(f"algorithm: {algorithm!r}: its Options must derive from "
                           "ray_lips.algorithms.base.AlgorithmOptions")
+    overrides = cls.personalise is not Algorithm.personalise
+    if overrides and cls.personalised_slot not in cls.client_slots:
+        raise ConfigError(f"algorithm: {algorithm!r} overrides personalise but its "
+                          f"personalised_slot {cls.personalised_slot!r} is not one of its "
+                          "client_slots (the slot each client keeps what it is sent in)")
     return cls
 
 

@@ -38,7 +38,7 @@ from ray_lips.data.datasets import ArrayDataset
 from ray_lips.models import build_model, eligible_parameter_names, layer_groups
 from ray_lips.pools.client_store import EntryInfo
 from ray_lips.pools.in_process import ClientState, PoolFactory, local_pools, torch_threads
-from ray_lips.pools.messages import HandoutRequest, StatePartRequest, TrainRequest
+from ray_lips.pools.messages import HandoutRequest, StatePartRequest, TrainReply, TrainRequest
 from ray_lips.pools.payload import ClientRows, DatasetArrays, PoolPayload
 
 T = TypeVar("T")
@@ -279,6 +279,18 @@ class FederatedRun:
         total = add_sums(found)
         return to_state(total, {k: self.global_state[k] for k in total})
 
+    def _personalise(self, trained: list[TrainReply], new_state: dict[str, torch.Tensor],
+                     round_idx: int) -> dict[int, dict[str, torch.Tensor]]:
+        """What the algorithm gives each client of its own (``Algorithm.personalise``) from
+        what the participants sent individually, in client order whatever the pools; nothing
+        (and no call) when none sent anything."""
+        individual = {client: parts for reply in trained
+                      for client, parts in reply.individual.items()}
+        if not individual:
+            return {}
+        return self.algorithm.personalise(dict(sorted(individual.items())), new_state,
+                                          round_idx, self.server_state)
+
     def advance(self) -> RoundDone | RunFinished:
         """The run's next step: the next round while rounds remain, then the end."""
         if self.done:
@@ -332,12 +344,15 @@ class FederatedRun:
             freeze_row = {"frozen_layers": len(frozen_layers), "freeze_fired": decision.fired,
                           **({"inertia_ratio": decision.ratio}
                              if decision.ratio is not None else {})}
+        personal = self._personalise(trained, new_state, r)
         eval_clients = (list(range(cfg.data.clients)) if cfg.train.participation >= 1.0
                         else participants)
         self.score = score if density < 1.0 else None  # what the hand-out reads
         handed = self.pools.handout(
-            [HandoutRequest(r, density, c if evaluate else [], evaluate, receivers=c)
-             for c in self._split(eval_clients)], new_state, self.score)
+            [HandoutRequest(r, density, c if evaluate else [], evaluate, receivers=c,
+                            personal={k: personal[k] for k in block if k in personal})
+             for c, block in zip(self._split(eval_clients), self.assignment, strict=True)],
+            new_state, self.score)
         self.layers_rows += layers
         self.global_state = new_state
         train_rows = [row for t in trained for row in t.clients]

@@ -4,8 +4,10 @@ Pure functions of tensor shapes and dtypes, never of values or of which pool hos
 a round's traffic is the same for any pool count. Download: what a client is handed after the
 round's aggregation, every entry at its dtype's size, except a LIPS sparse copy's eligible
 tensors, each sent as its kept values plus a bitmap of kept positions (numel / 8 bytes, rounded
-up) when that is smaller than the dense tensor. Upload: every tensor of every part a trained
-client returns for aggregation.
+up) when that is smaller than the dense tensor, plus whatever the algorithm personalised for the
+client (FedCAC's customised entries), dense. Upload: every tensor of every part a trained
+client returns for aggregation, plus what it sends individually that is not one of those
+tensors (a boolean tensor, such as FedCAC's critical mask, as a bitmap).
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ def sparse_copy_bytes(state: Tensors, kept: Mapping[str, int], skip: Collection[
 def parts_bytes(parts: Mapping[str, tuple[Tensors, float]]) -> int:
     """What a client uploads: every tensor of every part (``ClientUpdate.parts``)."""
     return sum(state_bytes(tensors) for tensors, _weight in parts.values())
+
+
+def wire_bytes(tensor: torch.Tensor) -> int:
+    """A tensor sent on its own: a boolean one as a bitmap (numel / 8, rounded up), any other
+    dense."""
+    if tensor.dtype == torch.bool:
+        return math.ceil(tensor.numel() / 8)
+    return tensor_bytes(tensor)
+
+
+def individual_bytes(individual: Mapping[str, Tensors] | None,
+                     parts: Mapping[str, tuple[Tensors, float]]) -> int:
+    """What a client uploads individually (``ClientUpdate.individual``) beyond its parts: a
+    tensor that is also one of the parts' (the same object) is sent once, and counted there."""
+    if not individual:
+        return 0
+    sent = {id(t) for tensors, _weight in parts.values() for t in tensors.values()}
+    return sum(wire_bytes(t) for tensors in individual.values() for t in tensors.values()
+               if id(t) not in sent)
 
 
 def round_traffic(train_rows: Iterable[Mapping[str, Any]],

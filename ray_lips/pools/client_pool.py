@@ -24,7 +24,7 @@ from ray_lips.algorithms.base import MODEL, ClientRound, ClientView, Tensors
 from ray_lips.config import ExperimentConfig, ResourcesConfig
 from ray_lips.core.aggregate import DivergenceError, FixedSum, add_client
 from ray_lips.core.run_folder import open_new
-from ray_lips.core.traffic import parts_bytes, state_bytes
+from ray_lips.core.traffic import individual_bytes, parts_bytes, state_bytes
 from ray_lips.models import build_model, eligible_parameter_names
 from ray_lips.pools.allocator import keep_buffers_in_heap
 from ray_lips.pools.client_store import ClientStore, EntryInfo
@@ -239,6 +239,7 @@ class ClientPool:
         kept: dict[int, dict[str, torch.Tensor]] = {}
         score_part = (self.handout_step.score_part
                       if self.handout_step.wants_score(request.round_idx) else None)
+        individual: dict[int, dict[str, Tensors]] = {}
         for members in self.plan_groups(request.participants):
             for update in self.algorithm.train(this_round, members):
                 client = update.client
@@ -252,8 +253,13 @@ class ClientPool:
                     frozen = set(request.frozen)
                     update.parts[MODEL] = ({k: v for k, v in tensors.items() if k not in frozen},
                                            weight)
+                up_bytes = parts_bytes(update.parts)
+                if update.individual:
+                    up_bytes += individual_bytes(update.individual, update.parts)
+                    individual[client] = {part: {k: v.cpu() for k, v in tensors.items()}
+                                          for part, tensors in update.individual.items()}
                 row = {"client": client, "n_train": self.samples(client), "loss": update.loss,
-                       "up_bytes": parts_bytes(update.parts)}
+                       "up_bytes": up_bytes}
                 if score_part is not None and update.last_grads is not None:
                     score = self.handout_step.score_of(update.last_grads)
                     sums[score_part] = add_client(sums.get(score_part), score, 1.0, client)
@@ -265,17 +271,33 @@ class ClientPool:
                     sums[part] = add_client(sums.get(part), tensors, weight, client=client)
         self.handout_step.keep(self.store, kept)
         sums = {part: {k: v.cpu() for k, v in total.items()} for part, total in sums.items()}
-        return TrainReply(sums, [rows[c] for c in request.participants])
+        return TrainReply(sums, [rows[c] for c in request.participants], individual)
 
     def handout(self, request: HandoutRequest, state: Tensors,
                 score: Tensors | None = None) -> HandoutReply:
-        """Take the new global model (and a shared mask's summed ``score``); score what the
-        listed clients now hold."""
+        """Take the new global model (and a shared mask's summed ``score``) and what the
+        algorithm personalised for each client; score what the listed clients now hold."""
         self.set_global(request.round_idx, state, request.density, score)
+        if request.personal:
+            self.deliver(request.personal)
         with self.stopwatch("evaluate"):
             reply = self._score_holdings(request.eval_clients, request.eval_test)
         reply.traffic = self.downloads(request.receivers)
+        if request.personal:
+            for row in reply.traffic:
+                extra = state_bytes(request.personal.get(row["client"], {}))
+                row["down_bytes"] += extra
+                row["down_bytes_dense"] += extra
         return reply
+
+    def deliver(self, personal: dict[int, Tensors]) -> None:
+        """Put each client's personalised tensors in the algorithm's ``personalised_slot``."""
+        slot = self.algorithm.personalised_slot
+        if not slot:
+            raise ValueError(f"algorithm {self.algorithm.name!r} personalised tensors for "
+                             "clients but declares no personalised_slot to keep them in")
+        for client, tensors in personal.items():
+            self.store.put(client, slot, {k: v.to(self.device) for k, v in tensors.items()})
 
     def downloads(self, receivers: list[int]) -> list[dict[str, Any]]:
         """Each receiver's download of the hand-out just set (bytes as handed, and were it

@@ -34,19 +34,24 @@ class TrainReply:
 
     sums: dict[str, FixedSum]
     clients: list[dict[str, Any]]
+    # what each trained client sent individually (ClientUpdate.individual), on the CPU
+    individual: dict[int, dict[str, Tensors]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class HandoutRequest:
     """After round ``round_idx``: take the new global model, hand it out with ``density``, and
     score what these clients now hold (and the global model on the test split).
-    ``receivers``: the clients handed the new model, whose download the reply counts."""
+    ``receivers``: the clients handed the new model, whose download the reply counts.
+    ``personal``: what the algorithm's ``personalise`` gave this pool's clients, each put in
+    its store slot ``personalised_slot`` first (and counted in its download)."""
 
     round_idx: int
     density: float
     eval_clients: list[int]
     eval_test: bool
     receivers: list[int] = field(default_factory=list)
+    personal: dict[int, Tensors] = field(default_factory=dict)
 
 
 @dataclass

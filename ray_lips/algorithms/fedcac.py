@@ -57,7 +57,6 @@ from ray_lips.algorithms.base import (
     Trained,
     TrainJob,
 )
-from ray_lips.algorithms.handouts.sparsify import keep_count
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +128,8 @@ class FedCAC(Algorithm):
     options: Options
 
     def __init__(self, options: Options, settings: LocalSettings, model: nn.Module):
+        from ray_lips.algorithms.handouts.sparsify import keep_count  # torch: not at import
+
         super().__init__(options, settings, model)
         kept = {name: keep_count(p.numel(), options.tau) for name, p in model.named_parameters()}
         self.keep = {name: keep for name, keep in kept.items() if keep > 0}  # has critical ones

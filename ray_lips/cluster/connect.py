@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -53,8 +54,9 @@ def connect(address: str | None = None, num_cpus: int | None = None,
             if address:
                 _join(address)
                 return address
-            ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
-                     **PRIVATE_RAY_OPTIONS)
+            with _no_metrics_servers():
+                ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
+                         **PRIVATE_RAY_OPTIONS)
         return "local"
     finally:
         importer.join(timeout=_IMPORT_WAIT_S)
@@ -212,6 +214,37 @@ PRIVATE_RAY_OPTIONS: dict = {
     "include_dashboard": False,
     "_system_config": {"enable_metrics_collection": False},
 }
+
+
+_METRICS_PORT_ENVS = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
+_reserved_port: socket.socket | None = None  # held while this process lives
+
+
+@contextmanager
+def _no_metrics_servers() -> Iterator[None]:
+    """Keep Ray's autoscaler and job server from serving Prometheus data over plain HTTP.
+
+    Both start an unauthenticated metrics server on 0.0.0.0 whenever ``prometheus_client`` is
+    importable (the tracker extras bring it), and Ray has no switch for them. Their ports come
+    from the environment of the processes Ray starts, so both are pointed at a port this
+    process holds bound (not listening: it accepts nothing); their servers fail to start (Ray
+    logs that in its own log files) and nothing else changes."""
+    global _reserved_port
+    if _reserved_port is None:
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        holder.bind(("0.0.0.0", 0))
+        _reserved_port = holder
+    port = str(_reserved_port.getsockname()[1])
+    before = {name: os.environ.get(name) for name in _METRICS_PORT_ENVS}
+    os.environ.update(dict.fromkeys(_METRICS_PORT_ENVS, port))
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

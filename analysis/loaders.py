@@ -47,6 +47,8 @@ from analysis.methods import (
     ALGORITHMS,
     FREEZE_SECTION,
     LIPS_SECTION,
+    RECORDED_FAMILY,
+    RECORDED_LOCAL_WORK,
     fmt_value,
     method_of,
     varying_knobs,
@@ -248,6 +250,14 @@ def client_metrics(clients: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def _recorded_text(value: Any) -> str | None:
+    """A short line a run wrote about itself (its family, its local work), None if it is not
+    one: ``status.json`` is read, never trusted."""
+    if isinstance(value, str) and 0 < len(value) <= 80 and value.isprintable():
+        return value
+    return None
+
+
 def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
              ) -> tuple[dict[str, Any], dict[str, pd.DataFrame | None]]:
     """One run: its ``runs`` row (without derived labels) and its raw tables.
@@ -293,6 +303,8 @@ def read_run(path: Path, root: Path, tables: Iterable[str] = TABLES
         "elapsed_s": float(elapsed) if elapsed is not None else math.nan,
         "seconds_per_round": float(elapsed) / rounds_done if elapsed and rounds_done else math.nan,
         "updated": pd.Timestamp(updated, unit="s") if updated else pd.NaT,
+        RECORDED_FAMILY: _recorded_text(status.get("family")),
+        RECORDED_LOCAL_WORK: _recorded_text(status.get("local_work")),
         "has_config": (path / CONFIG_FILE).is_file(), "has_rounds": not rounds.empty,
         "has_clients": not frames["clients"].empty,
         "has_layers": (path / TABLE_FILES["layers"]).is_file(),

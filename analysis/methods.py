@@ -33,7 +33,9 @@ with the same seed:
 A method's *family* (what its clients predict with) and *local work* (a participant's local
 training per round, in local epochs) are what its algorithm class declares
 (:attr:`~ray_lips.algorithms.base.Algorithm.family`,
-:meth:`~ray_lips.algorithms.base.Algorithm.local_work`) for the run's config.
+:meth:`~ray_lips.algorithms.base.Algorithm.local_work`) for the run's config; a run records
+both in its ``status.json``, so a report still shows them where the class (a user's algorithm)
+cannot be imported.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ ALGORITHMS = tuple(sorted(registry.names(),
                           key=lambda name: FAMILIES.index(registry.builtin()[name].family)))
 ALGORITHM_TITLES = {name: cls.label for name, cls in registry.builtin().items()}  # "FedProx"
 UNKNOWN = "-"  # the family or local work of an algorithm that cannot be imported here
+# a run's family and local work as it recorded them in status.json (runs frame columns)
+RECORDED_FAMILY = "recorded_family"
+RECORDED_LOCAL_WORK = "recorded_local_work"
 LEGACY_LIPS = "lips"  # the old ``algorithm: lips``: FedAvg with the LIPS hand-out
 LIPS_SECTION = "lips"
 LIPS_ALWAYS = {"lips.sparsity": "s", "lips.period": "T"}  # named in every LIPS label
@@ -258,9 +263,13 @@ def algorithm_class_of(config: Mapping[str, Any]) -> type[Algorithm] | None:
 
 
 def family_of(config: Mapping[str, Any]) -> str:
-    """What the clients of a flattened config's algorithm predict with (:data:`FAMILIES`)."""
+    """What the clients of a flattened config's algorithm predict with (:data:`FAMILIES`): as
+    its algorithm class says, or as the run recorded it where that class cannot be imported."""
     cls = algorithm_class_of(config)
-    return UNKNOWN if cls is None else cls.family
+    if cls is not None:
+        return cls.family
+    recorded = config.get(RECORDED_FAMILY)
+    return recorded if recorded in FAMILIES else UNKNOWN
 
 
 def family_rank(family: object) -> int:
@@ -271,10 +280,11 @@ def family_rank(family: object) -> int:
 def local_work_of(config: Mapping[str, Any]) -> str:
     """A participant's local training per round under a flattened config, in local epochs
     (e.g. ``2 (1 global + 1 personal)``): its algorithm's ``local_work`` for its section and
-    ``train`` keys."""
+    ``train`` keys, or as the run recorded it where that class cannot be imported here."""
     cls = algorithm_class_of(config)
     if cls is None:
-        return UNKNOWN
+        recorded = config.get(RECORDED_LOCAL_WORK)
+        return recorded if isinstance(recorded, str) else UNKNOWN
     prefix = f"{cls.name}."
     section = {key.removeprefix(prefix): value for key, value in config.items()
                if isinstance(key, str) and key.startswith(prefix) and not missing(value)}

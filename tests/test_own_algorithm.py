@@ -192,6 +192,14 @@ def test_fedavgm_runs_from_the_command_line_and_is_fedavg_without_momentum(packa
     labels = dict(zip(loaded["name"], loaded["method"], strict=True))
     assert labels == {"fedavg": "fedavg", "plain": "fedavgm(beta=0)",
                       "momentum": "fedavgm(beta=0.9)"}
+    # read where the algorithm cannot be imported (no PYTHONPATH): the report still shows its
+    # family and local work, as the runs recorded them
+    env.pop("PYTHONPATH")
+    done = _run(["report", "runs", "--out", "report"], tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    final = pd.read_csv(tmp_path / "report" / "tables" / "final.csv").set_index("method")
+    assert final.loc["fedavgm(beta=0.9)", "family"] == "global model"
+    assert str(final.loc["fedavgm(beta=0.9)", "local_work"]) == "1"
 
 
 def test_an_algorithm_that_does_not_import_stops_the_command_in_one_line(package, tmp_path):

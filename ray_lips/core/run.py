@@ -191,9 +191,14 @@ class FederatedRun:
         else:
             self.writer.write_config(cfg)
             self.pools.set_global(-1, self.global_state, 1.0)
-        # what each pool really trains on (device, node, Ray's GPU ids), kept by later writes
-        self.writer.write_status("running", round=self.round, rounds=cfg.train.rounds,
-                                 devices=[asdict(d) for d in self.pools.devices()])
+        # what each pool really trains on (device, node, Ray's GPU ids), and the method's family
+        # and local work (reports read them where the algorithm cannot be imported), kept by
+        # later writes
+        algorithm = type(self.algorithm)
+        self.writer.write_status(
+            "running", round=self.round, rounds=cfg.train.rounds,
+            devices=[asdict(d) for d in self.pools.devices()], family=algorithm.family,
+            local_work=str(algorithm.local_work(self.algorithm.options, self.algorithm.settings)))
 
     def _prepare(self, cfg: ExperimentConfig) -> list[PoolPayload]:
         """The data, the client assignment, the initial model and the algorithm's server side;

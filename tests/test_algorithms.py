@@ -8,9 +8,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from same_runs import assert_pool_count_and_resume_invariant, assert_same_tables, final_model
 from torch import nn
 
 from ray_lips.algorithms import build_algorithm, registry
@@ -21,9 +21,6 @@ from ray_lips.core.run import FederatedRun, run_local
 from ray_lips.pools.client_store import ClientStore
 from ray_lips.training.local import LocalResult, correct_gradients
 
-TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
@@ -32,22 +29,6 @@ def _config(tiny_config: dict, algorithm: str, handout: str = "dense", **section
     tree.update(algorithm=algorithm, handout=handout, **sections)
     tree["train"].update(rounds=4, local_epochs=1, finetune_epochs=1, checkpoint_every=2)
     return tree
-
-
-def _tables(run_dir) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(run_dir / name).drop(columns="seconds", errors="ignore")
-            for name in TABLES if (run_dir / name).exists()}
-
-
-def _same_tables(a, b) -> None:
-    ta, tb = _tables(a), _tables(b)
-    assert set(ta) == set(tb)
-    for name, frame in ta.items():
-        pd.testing.assert_frame_equal(frame, tb[name], check_exact=True)
-
-
-def _final(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model_final.pt", weights_only=True)
 
 
 # ----- configuration -------------------------------------------------------------------------
@@ -108,8 +89,8 @@ def test_fedprox_with_mu_zero_is_fedavg_bit_for_bit(tmp_path, tiny_config):
     run_local(validate_config(_config(tiny_config, "fedavg")), tmp_path / "fedavg")
     run_local(validate_config(_config(tiny_config, "fedprox", fedprox={"mu": 0.0})),
               tmp_path / "prox")
-    _same_tables(tmp_path / "fedavg", tmp_path / "prox")
-    a, b = _final(tmp_path / "fedavg"), _final(tmp_path / "prox")
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "prox")
+    a, b = final_model(tmp_path / "fedavg"), final_model(tmp_path / "prox")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -119,7 +100,7 @@ def test_fedprox_pulls_clients_towards_their_start_model(tmp_path, tiny_config):
         tree = _config(tiny_config, "fedprox", fedprox={"mu": mu})
         tree["train"].update(rounds=1, local_epochs=3)
         run_local(validate_config(tree), tmp_path / f"mu{mu}")
-        finals[mu] = _final(tmp_path / f"mu{mu}")
+        finals[mu] = final_model(tmp_path / f"mu{mu}")
     start = FederatedRun(validate_config(_config(tiny_config, "fedavg")), tmp_path / "init")
     init = start.global_state
     start.close()
@@ -138,7 +119,7 @@ def test_lips_with_sparsity_zero_is_the_algorithm_itself(tmp_path, tiny_config, 
     sparse["lips"]["sparsity"] = 0.0
     run_local(validate_config(dense), tmp_path / "dense")
     run_local(validate_config(sparse), tmp_path / "sparse")
-    _same_tables(tmp_path / "dense", tmp_path / "sparse")
+    assert_same_tables(tmp_path / "dense", tmp_path / "sparse")
 
 
 def test_scaffold_with_zero_control_variates_is_fedavg_in_its_first_round(tmp_path, tiny_config):
@@ -329,22 +310,8 @@ METHODS = [(name, "dense") for name in registry.names()] + [("fedprox", "lips"),
 @pytest.mark.parametrize(("algorithm", "handout"), METHODS)
 def test_same_numbers_with_one_or_three_pools_and_after_a_resume(tmp_path, tiny_config,
                                                                  algorithm, handout):
-    tree = _config(tiny_config, algorithm, handout)
-    tree["resources"]["pools"] = 1
-    run_local(validate_config(tree), tmp_path / "one")
-    tree["resources"]["pools"] = 3
-    cfg = validate_config(tree)
-    run_local(cfg, tmp_path / "three")
-    _same_tables(tmp_path / "one", tmp_path / "three")
     # interrupted after round 3 (last checkpoint after round 2), then resumed
-    stopped = FederatedRun(cfg, tmp_path / "resumed")
-    for _ in range(3):
-        stopped.run_round()
-    stopped.close()
-    run_local(cfg, tmp_path / "resumed")
-    _same_tables(tmp_path / "three", tmp_path / "resumed")
-    a, b = _final(tmp_path / "three"), _final(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_pool_count_and_resume_invariant(_config(tiny_config, algorithm, handout), tmp_path)
 
 
 def test_client_state_survives_a_resume_through_the_checkpoint(tmp_path, tiny_config):

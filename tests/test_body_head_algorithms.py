@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 
-import pandas as pd
 import pytest
 import torch
+from same_runs import assert_pool_count_and_resume_invariant, assert_same_tables, final_model
 
 from ray_lips.algorithms import build_algorithm
 from ray_lips.config import ConfigError, validate_config
@@ -14,7 +14,6 @@ from ray_lips.core.run import FederatedRun, run_local
 from ray_lips.models import batchnorm_entry_names, build_model, head_parameter_names
 from ray_lips.training.local import local_train
 
-TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 NO_GLOBAL = ["acc_global", "acc_global_last", "acc_global_window", "acc_test", "acc_test_last",
              "acc_test_window"]
 
@@ -39,29 +38,12 @@ def _config(tiny_config: dict, algorithm: str, handout: str = "dense", **section
     return tree
 
 
-def _tables(run_dir, drop=(), tables=TABLES) -> dict[str, pd.DataFrame]:
-    return {name: pd.read_parquet(run_dir / name).drop(columns=["seconds", *drop],
-                                                       errors="ignore")
-            for name in tables if (run_dir / name).exists()}
-
-
-def _same_tables(a, b, drop=(), tables=TABLES) -> None:
-    ta, tb = _tables(a, drop, tables), _tables(b, drop, tables)
-    assert set(ta) == set(tb)
-    for name, frame in ta.items():
-        pd.testing.assert_frame_equal(frame, tb[name], check_exact=True)
-
-
-def _final(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model_final.pt", weights_only=True)
-
-
 # ----- MOON -----------------------------------------------------------------------------------
 def test_moon_with_mu_zero_is_fedavg_bit_for_bit(tmp_path, tiny_config):
     run_local(validate_config(_config(tiny_config, "fedavg")), tmp_path / "fedavg")
     run_local(validate_config(_config(tiny_config, "moon", moon={"mu": 0.0})), tmp_path / "moon")
-    _same_tables(tmp_path / "fedavg", tmp_path / "moon")
-    a, b = _final(tmp_path / "fedavg"), _final(tmp_path / "moon")
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "moon")
+    a, b = final_model(tmp_path / "fedavg"), final_model(tmp_path / "moon")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -87,9 +69,9 @@ def test_fedbn_on_a_model_without_batchnorm_is_fedavg(tmp_path, tiny_config, mon
         tree = _config(tiny_config, algorithm, model="nobn_nets:build")
         run_local(validate_config(tree), tmp_path / algorithm)
     # the same training, bit for bit; FedBN has no global model to score (nor its inertia)
-    _same_tables(tmp_path / "fedavg", tmp_path / "fedbn", drop=NO_GLOBAL,
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "fedbn", drop=NO_GLOBAL,
                  tables=("rounds.parquet", "clients.parquet"))
-    a, b = _final(tmp_path / "fedavg"), _final(tmp_path / "fedbn")
+    a, b = final_model(tmp_path / "fedavg"), final_model(tmp_path / "fedbn")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -184,14 +166,9 @@ def test_fedrep_keeps_heads_on_the_clients(tmp_path, tiny_config):
 @pytest.mark.parametrize(("algorithm", "handout"), [("moon", "lips"), ("fedbn", "lips"),
                                                     ("fedrep", "lips"), ("fedbabu", "lips"),
                                                     ("fedrod", "lips")])
-def test_same_numbers_with_one_or_three_pools_with_the_lips_handout(tmp_path, tiny_config,
-                                                                     algorithm, handout):
-    tree = _config(tiny_config, algorithm, handout)
-    tree["resources"]["pools"] = 1
-    run_local(validate_config(tree), tmp_path / "one")
-    tree["resources"]["pools"] = 3
-    run_local(validate_config(tree), tmp_path / "three")
-    _same_tables(tmp_path / "one", tmp_path / "three")
+def test_same_numbers_with_one_or_three_pools_and_after_a_resume_with_the_lips_handout(
+        tmp_path, tiny_config, algorithm, handout):
+    assert_pool_count_and_resume_invariant(_config(tiny_config, algorithm, handout), tmp_path)
 
 
 def test_an_algorithm_with_a_head_on_a_model_without_a_classifier_is_a_config_error(
@@ -224,8 +201,8 @@ def test_fedpart_with_one_group_of_the_whole_network_is_fedavg_bit_for_bit(tmp_p
     run_local(validate_config(_config(tiny_config, "fedavg")), tmp_path / "fedavg")
     whole = {"warmup_rounds": 0, "groups": [[""]]}
     run_local(validate_config(_config(tiny_config, "fedpart", fedpart=whole)), tmp_path / "part")
-    _same_tables(tmp_path / "fedavg", tmp_path / "part")
-    a, b = _final(tmp_path / "fedavg"), _final(tmp_path / "part")
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "part")
+    a, b = final_model(tmp_path / "fedavg"), final_model(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -251,13 +228,10 @@ def test_fedpart_with_the_lips_handout_is_a_config_error(tiny_config):
         validate_config(_config(tiny_config, "fedpart", "lips"))
 
 
-def test_fedpart_same_numbers_with_one_or_three_pools_through_its_groups(tmp_path, tiny_config):
+def test_fedpart_same_numbers_with_one_or_three_pools_and_after_a_resume_through_its_groups(
+        tmp_path, tiny_config):
     tree = _config(tiny_config, "fedpart", fedpart={"warmup_rounds": 1, "rounds_per_group": 1})
-    tree["resources"]["pools"] = 1
-    run_local(validate_config(tree), tmp_path / "one")
-    tree["resources"]["pools"] = 3
-    run_local(validate_config(tree), tmp_path / "three")
-    _same_tables(tmp_path / "one", tmp_path / "three")
+    assert_pool_count_and_resume_invariant(tree, tmp_path)
 
 
 # ----- FedRoD ----------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
+from same_runs import assert_same_tables
 from test_cli import CLI, ENV, _config
 
 from ray_lips.config import validate_config
@@ -21,7 +21,6 @@ from ray_lips.core.run import run_local
 
 pytestmark = pytest.mark.slow
 
-TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 # A private local Ray of 2 CPUs, as on the README's 2-core machine, whatever this machine has.
 TWO_CPUS = {**ENV, "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 2})}
 
@@ -68,11 +67,7 @@ def test_three_methods_on_two_cpus_run_two_at_a_time_with_the_numbers_of_separat
     finally:
         torch.set_num_threads(threads)
     for method, run_dir in dirs.items():
-        for name in TABLES:
-            together = pd.read_parquet(run_dir / name).drop(columns="seconds", errors="ignore")
-            alone = pd.read_parquet(tmp_path / "alone" / method / name).drop(
-                columns="seconds", errors="ignore")
-            pd.testing.assert_frame_equal(together, alone, check_exact=True)
+        assert_same_tables(run_dir, tmp_path / "alone" / method)
 
     # the figure is this compare's own, beside its runs; an earlier one is left alone
     assert (runs / "inertia.png").read_bytes() == b"an earlier compare's figure"

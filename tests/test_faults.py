@@ -15,9 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from same_runs import assert_same_tables
 from test_cli import CLI, ENV, _config
-
-TABLES = ("rounds.parquet", "layers.parquet", "clients.parquet")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -92,13 +91,6 @@ def _wait_for(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _same_tables(a: Path, b: Path) -> None:
-    for name in TABLES:
-        left = pd.read_parquet(a / name).drop(columns="seconds", errors="ignore")
-        right = pd.read_parquet(b / name).drop(columns="seconds", errors="ignore")
-        pd.testing.assert_frame_equal(left, right, check_exact=True)
-
-
 @pytest.mark.slow
 def test_a_hung_pool_then_a_killed_pool_are_restarted_and_the_numbers_do_not_change(
         tmp_path, tiny_config):
@@ -150,7 +142,7 @@ def test_a_hung_pool_then_a_killed_pool_are_restarted_and_the_numbers_do_not_cha
     assert "restart 2 of resources.pool_restarts 2" in stderr
     assert detected_s < 60  # hang_min_s 4, a tiny round; generous for a loaded machine
     run_dir = Path(out.strip().splitlines()[-1])
-    _same_tables(straight_dir, run_dir)
+    assert_same_tables(straight_dir, run_dir)
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-from test_body_head_algorithms import _config, _final, _same_tables
+from same_runs import assert_same_tables, final_model
+from test_body_head_algorithms import _config
 
 from ray_lips.algorithms.base import MODEL
 from ray_lips.algorithms.fedcac import CRITICAL, CUSTOM, MASK, FedCAC, critical_mask
@@ -29,8 +30,8 @@ def _fedcac(tiny_config: dict, handout: str = "dense", **knobs) -> dict:
 def test_tau_zero_is_fedavg_bit_for_bit(tmp_path, tiny_config):
     run_local(validate_config(_config(tiny_config, "fedavg", "lips")), tmp_path / "fedavg")
     run_local(validate_config(_fedcac(tiny_config, "lips", tau=0.0)), tmp_path / "fedcac")
-    _same_tables(tmp_path / "fedavg", tmp_path / "fedcac")
-    a, b = _final(tmp_path / "fedavg"), _final(tmp_path / "fedcac")
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "fedcac")
+    a, b = final_model(tmp_path / "fedavg"), final_model(tmp_path / "fedcac")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -220,7 +221,7 @@ def test_same_numbers_with_one_or_three_pools_and_after_a_resume_with_lips_and_h
     tree["resources"]["pools"] = 3
     cfg = validate_config(tree)
     run_local(cfg, tmp_path / "three")
-    _same_tables(tmp_path / "one", tmp_path / "three")
+    assert_same_tables(tmp_path / "one", tmp_path / "three")
     # interrupted after round 3 (last checkpoint after round 2), then resumed
     stopped = FederatedRun(cfg, tmp_path / "resumed")
     stopped.run_round()
@@ -239,8 +240,8 @@ def test_same_numbers_with_one_or_three_pools_and_after_a_resume_with_lips_and_h
         assert entry is None or all(torch.equal(entry[k], again[k]) for k in entry)
     back.close()
     run_local(cfg, tmp_path / "resumed")
-    _same_tables(tmp_path / "three", tmp_path / "resumed")
-    a, b = _final(tmp_path / "three"), _final(tmp_path / "resumed")
+    assert_same_tables(tmp_path / "three", tmp_path / "resumed")
+    a, b = final_model(tmp_path / "three"), final_model(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -252,4 +253,4 @@ def test_fedcac_with_lips_on_ray_matches_the_in_process_run(ray_local, tmp_path,
     cfg = validate_config(_fedcac(tiny_config, "lips"))
     run_on_ray([("fedcac", cfg, tmp_path / "ray")])
     run_local(cfg, tmp_path / "local")  # one thread (one_thread), as the pool actors
-    _same_tables(tmp_path / "ray", tmp_path / "local")
+    assert_same_tables(tmp_path / "ray", tmp_path / "local")

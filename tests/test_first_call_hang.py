@@ -16,8 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from same_runs import assert_same_tables
 from test_cli import CLI, ENV, _config
-from test_faults import _same_tables
 
 from ray_lips.config import validate_config
 from ray_lips.core.run import FederatedRun
@@ -196,5 +196,5 @@ def test_a_pool_hung_in_its_first_round_is_restarted_and_the_numbers_do_not_chan
                      r"training within 10\.0 s \(first training, nothing timed yet",
                      result.stderr), result.stderr
     assert "restart 1 of resources.pool_restarts 1" in result.stderr
-    _same_tables(Path(straight.stdout.strip().splitlines()[-1]),
+    assert_same_tables(Path(straight.stdout.strip().splitlines()[-1]),
                  Path(result.stdout.strip().splitlines()[-1]))

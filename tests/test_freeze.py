@@ -11,8 +11,8 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from same_runs import assert_same_tables, with_pools
 from test_algorithm_gaps import _close, _in_float64
-from test_inertia_schedule import _assert_same_tables
 
 from ray_lips.algorithms.base import MODEL, Phase, TrainJob
 from ray_lips.config import ConfigError, validate_config
@@ -177,7 +177,7 @@ def test_a_trigger_that_never_fires_is_fedavg_bit_for_bit(tiny_config, tmp_path)
     assert rounds["inertia_ratio"].notna().any()
     assert not pd.read_parquet(tmp_path / "never" / LAYERS_FILE)["frozen"].any()
     assert "frozen_layers" not in pd.read_parquet(tmp_path / "fedavg" / ROUNDS_FILE)
-    _assert_same_tables(tmp_path / "fedavg", tmp_path / "never", drop=FREEZE_COLUMNS)
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "never", drop=FREEZE_COLUMNS)
 
 
 def test_the_period_trigger_fires_on_the_periods_rounds(tiny_config, tmp_path):
@@ -277,15 +277,28 @@ def test_frozen_layers_keep_their_global_entries_bit_for_bit(freezing, tmp_path)
 
 def test_a_freeze_run_has_the_same_tables_with_one_pool_or_three(freezing, tmp_path):
     tree, run_dir = freezing
-    run_local({**tree, "resources": {**tree["resources"], "pools": 3}}, tmp_path / "three")
-    _assert_same_tables(run_dir, tmp_path / "three")
+    run_local(with_pools(tree, 3), tmp_path / "three")
+    assert_same_tables(run_dir, tmp_path / "three")
+
+
+@pytest.mark.slow
+def test_a_freeze_run_on_ray_pool_actors_has_the_in_process_tables(ray_local, freezing, tmp_path):
+    """What is frozen travels to the pool actors with each round's request: two actors end
+    with the one-pool in-process run's tables, freezes included."""
+    from ray_lips.cluster.driver import run_on_ray
+
+    tree, run_dir = freezing
+    cfg = validate_config(with_pools(tree, 2))
+    run_on_ray([("freeze", cfg, tmp_path / "ray")])
+    assert pd.read_parquet(tmp_path / "ray" / ROUNDS_FILE)["frozen_layers"].gt(0).any()
+    assert_same_tables(run_dir, tmp_path / "ray")
 
 
 def test_an_interrupted_freeze_run_resumes_to_the_same_tables(freezing, tmp_path):
     tree, straight = freezing
     layers = pd.read_parquet(straight / LAYERS_FILE)
     assert layers.loc[(layers["round"] == 5), "frozen"].any()  # a freeze across round 4's
-    cfg = validate_config({**tree, "resources": {**tree["resources"], "pools": 2}})
+    cfg = validate_config(with_pools(tree, 2))
     run = FederatedRun(cfg, tmp_path / "stopped")
     for _ in range(7):  # a checkpoint after round 4; rounds 5 and 6 are lost
         run.run_round()
@@ -297,7 +310,7 @@ def test_an_interrupted_freeze_run_resumes_to_the_same_tables(freezing, tmp_path
         resumed.run_round()
     resumed.finish()
     resumed.close()
-    _assert_same_tables(straight, tmp_path / "stopped")
+    assert_same_tables(straight, tmp_path / "stopped")
 
 
 def test_freeze_composes_with_an_algorithm_that_trains_in_phases(tiny_config, tmp_path):

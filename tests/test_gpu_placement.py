@@ -15,10 +15,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 import yaml
+from same_runs import assert_same_tables
 from test_cluster import (
     _env,
     _free_ports,
@@ -31,7 +31,6 @@ from test_cluster import (
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = ("rounds.parquet", "clients.parquet", "layers.parquet")
 QUARTER_GPU = {"pools": 8, "cpus_per_pool": 0.5, "gpus_per_pool": 0.25, "device": "cpu"}
 
 # Runs in its own process, connected to the cluster: 8 pools of a quarter GPU train a short
@@ -128,11 +127,7 @@ def test_eight_pools_of_a_quarter_gpu_land_four_per_gpu(quarter_gpu_run):
 
 def test_a_run_on_logical_gpus_ends_with_the_cpu_runs_numbers(quarter_gpu_run):
     _, out = quarter_gpu_run
-    for name in TABLES:
-        on_gpus = pd.read_parquet(out / "logical-gpus" / name).drop(columns="seconds",
-                                                                    errors="ignore")
-        on_cpu = pd.read_parquet(out / "cpu" / name).drop(columns="seconds", errors="ignore")
-        pd.testing.assert_frame_equal(on_gpus, on_cpu, check_exact=True, obj=name)
+    assert_same_tables(out / "logical-gpus", out / "cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device here")

@@ -7,27 +7,14 @@ import math
 
 import pandas as pd
 import pytest
+from same_runs import assert_same_tables, with_pools
 
 from analysis import figures
 from ray_lips.algorithms.handouts.schedule import linear_density
 from ray_lips.config import ConfigError, validate_config
 from ray_lips.core.inertia import InertiaTrigger, eligible_update
 from ray_lips.core.run import FederatedRun, run_local
-from ray_lips.core.run_folder import CLIENTS_FILE, LAYERS_FILE, ROUNDS_FILE
-
-TABLES = (ROUNDS_FILE, LAYERS_FILE, CLIENTS_FILE)
-
-
-def _table(run_dir, name: str, drop: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A table as written, without the wall-clock ``seconds`` and the columns ``drop``s."""
-    frame = pd.read_parquet(run_dir / name)
-    return frame.drop(columns=[c for c in ("seconds", *drop) if c in frame])
-
-
-def _assert_same_tables(left, right, drop: tuple[str, ...] = ()) -> None:
-    for name in TABLES:
-        pd.testing.assert_frame_equal(_table(left, name, drop), _table(right, name, drop),
-                                      check_exact=True, obj=name)
+from ray_lips.core.run_folder import LAYERS_FILE, ROUNDS_FILE
 
 
 def _inertia(tiny: dict, **lips) -> dict:
@@ -89,7 +76,7 @@ def test_a_trigger_that_never_fires_is_fedavg_bit_for_bit(tiny_config, tmp_path)
     rounds = pd.read_parquet(tmp_path / "never" / ROUNDS_FILE)
     assert (rounds["density"] == 1.0).all() and rounds["inertia_ratio"].notna().any()
     assert "inertia_ratio" not in pd.read_parquet(tmp_path / "fedavg" / ROUNDS_FILE)
-    _assert_same_tables(tmp_path / "fedavg", tmp_path / "never", drop=("inertia_ratio",))
+    assert_same_tables(tmp_path / "fedavg", tmp_path / "never", drop=("inertia_ratio",))
 
 
 def test_a_trigger_that_always_fires_is_the_periodic_schedule_bit_for_bit(tiny_config,
@@ -101,7 +88,7 @@ def test_a_trigger_that_always_fires_is_the_periodic_schedule_bit_for_bit(tiny_c
     rounds = pd.read_parquet(tmp_path / "always" / ROUNDS_FILE)
     assert rounds.loc[rounds["density"] < 1.0, "round"].tolist() == [0, 3, 6]
     assert "inertia_ratio" not in pd.read_parquet(tmp_path / "linear" / ROUNDS_FILE)
-    _assert_same_tables(tmp_path / "linear", tmp_path / "always", drop=("inertia_ratio",))
+    assert_same_tables(tmp_path / "linear", tmp_path / "always", drop=("inertia_ratio",))
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +129,14 @@ def test_the_trigger_hands_out_sparse_copies_where_the_signal_fell(firing):
 
 def test_an_inertia_run_has_the_same_tables_with_one_pool_or_three(firing, tmp_path):
     cfg, run_dir = firing
-    three = {**cfg, "resources": {**cfg["resources"], "pools": 3}}
+    three = with_pools(cfg, 3)
     run_local(three, tmp_path / "three")
-    _assert_same_tables(run_dir, tmp_path / "three")
+    assert_same_tables(run_dir, tmp_path / "three")
 
 
 def test_an_interrupted_inertia_run_resumes_to_the_same_tables(firing, tmp_path):
     tiny, straight = firing
-    cfg = validate_config({**tiny, "resources": {**tiny["resources"], "pools": 2}})
+    cfg = validate_config(with_pools(tiny, 2))
     sparse = pd.read_parquet(straight / ROUNDS_FILE).query("density < 1")["round"].tolist()
     assert any(r < 6 for r in sparse) and any(r >= 6 for r in sparse)
     run = FederatedRun(cfg, tmp_path / "stopped")
@@ -164,7 +151,7 @@ def test_an_interrupted_inertia_run_resumes_to_the_same_tables(firing, tmp_path)
         resumed.run_round()
     resumed.finish()
     resumed.close()
-    _assert_same_tables(straight, tmp_path / "stopped")
+    assert_same_tables(straight, tmp_path / "stopped")
 
 
 def test_the_inertia_figure_marks_the_sparse_rounds(firing, tmp_path):

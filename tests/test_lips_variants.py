@@ -9,7 +9,8 @@ import copy
 
 import pytest
 import torch
-from test_algorithms import _config, _final, _same_tables
+from same_runs import assert_pool_count_and_resume_invariant, assert_same_tables
+from test_algorithms import _config
 from test_batched import SETTINGS, _float64, _generators, _setup
 
 from analysis.methods import label_methods
@@ -222,20 +223,8 @@ def test_shared_mask_same_numbers_with_one_or_three_pools_and_after_a_resume(tmp
     """Period 2: rounds 0 and 2 are sparse; the checkpoint after round 2 must carry the summed
     score, or round 3 would start from the dense model after the resume."""
     tree = _lips(tiny_config, 1, mask="shared", gradient="epoch_mean")
-    run_local(validate_config(tree), tmp_path / "one")
-    tree["resources"]["pools"] = 3
-    cfg = validate_config(tree)
-    run_local(cfg, tmp_path / "three")
-    _same_tables(tmp_path / "one", tmp_path / "three")
-    stopped = FederatedRun(cfg, tmp_path / "resumed")
-    for _ in range(3):
-        stopped.run_round()
-    stopped.close()
-    run_local(cfg, tmp_path / "resumed")
-    _same_tables(tmp_path / "three", tmp_path / "resumed")
-    a, b = _final(tmp_path / "three"), _final(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    saved = torch.load(next((tmp_path / "three" / "checkpoints").rglob("*.pt")),
+    three = assert_pool_count_and_resume_invariant(tree, tmp_path)
+    saved = torch.load(next((three / "checkpoints").rglob("*.pt")),
                        weights_only=True)
     assert "lips_score" in saved
 
@@ -305,7 +294,6 @@ def test_reports_tell_the_variants_apart_and_read_older_runs_as_the_reference():
 def test_shared_mask_on_ray_matches_the_in_process_run(ray_local, tmp_path, tiny_config):
     """The summed score travels to the pool actors with the hand-out: the same tables as in
     one process."""
-    import pandas as pd
 
     from ray_lips.cluster.driver import run_on_ray
 
@@ -314,7 +302,4 @@ def test_shared_mask_on_ray_matches_the_in_process_run(ray_local, tmp_path, tiny
     cfg = validate_config(tree)
     run_on_ray([("shared", cfg, tmp_path / "ray")])
     run_local(cfg, tmp_path / "local")  # one_thread: as the actors with cpus_per_pool 1
-    for name in ("rounds.parquet", "clients.parquet", "layers.parquet"):
-        a = pd.read_parquet(tmp_path / "ray" / name).drop(columns="seconds", errors="ignore")
-        b = pd.read_parquet(tmp_path / "local" / name).drop(columns="seconds", errors="ignore")
-        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert_same_tables(tmp_path / "ray", tmp_path / "local")

@@ -1,14 +1,13 @@
 """`--local` trains with the threads a Ray pool of the same config has (`cpus_per_pool`)."""
 
-import pandas as pd
 import torch
+from same_runs import assert_same_tables
 
 from ray_lips.cluster.driver import run_on_ray
 from ray_lips.config import validate_config
 from ray_lips.core.run import run_local
 
 # Every table: the pools' work runs with a Ray pool's threads, the driver's with a driver actor's.
-TABLES = ("rounds.parquet", "clients.parquet", "layers.parquet")
 
 
 def test_in_process_run_uses_the_pools_threads_and_ends_as_the_ray_run(
@@ -24,9 +23,4 @@ def test_in_process_run_uses_the_pools_threads_and_ends_as_the_ray_run(
         assert torch.get_num_threads() == 3  # the caller's count is back
     finally:
         torch.set_num_threads(caller_threads)
-    for name in TABLES:
-        on_ray = pd.read_parquet(tmp_path / "ray" / name).drop(columns="seconds",
-                                                              errors="ignore")
-        local = pd.read_parquet(tmp_path / "local" / name).drop(columns="seconds",
-                                                              errors="ignore")
-        pd.testing.assert_frame_equal(on_ray, local, check_exact=True, obj=name)
+    assert_same_tables(tmp_path / "ray", tmp_path / "local")

@@ -273,11 +273,12 @@ def test_baseline_specs_cover_every_algorithm_each_composable_one_with_lips(name
 
 
 def test_the_paper_baselines_grid_runs_every_method_when_shrunk(tmp_path):
-    """Each of the 26 methods of the CIFAR-10 baselines grid, one round on tiny synthetic data
-    with the grid's model (VGG11-BN) and every other setting as shipped."""
+    """Each of the 26 methods of the CIFAR-10 baselines grid, two rounds on tiny synthetic data
+    (two clients of five samples, one step an epoch) with the grid's model (VGG11-BN) and every
+    other setting as shipped."""
     from ray_lips.core.run import run_local
 
-    shrink = ["data.dataset=synthetic", "data.clients=4", "data.train_per_client=10",
+    shrink = ["data.dataset=synthetic", "data.clients=2", "data.train_per_client=5",
               "data.test_per_client=5", "train.rounds=2", "train.local_epochs=1",
               "train.batch_size=5", "train.finetune_epochs=0", "train.eval_test_samples=10",
               "resources.pools=2", "resources.gpus_per_pool=0", "sweep.grid.seed=[0]",

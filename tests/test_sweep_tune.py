@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from same_runs import assert_same_tables
 
 from ray_lips.cli.sweep import sweep
 from ray_lips.cluster.sweep_spec import load_spec, parse_spec, trial_config
@@ -75,18 +76,6 @@ def _local_twin(tmp_path: Path, config: dict, name: str) -> Path:
     return tmp_path / name
 
 
-def _same_tables(a: Path, b: Path) -> None:
-    """The same run files, bit for bit: a trial and its twin train with the same kernels in
-    the same order (pools of one thread: ``cpus_per_pool: 1`` and ``_local_twin``'s), and the
-    driver sums clients on FedAvg's exact fixed-point grid, so rounding has nothing to change,
-    on any CPU. A float tolerance cannot help here: a last-bit difference in training grows
-    with every round, and no bound measured on one CPU holds on another."""
-    for name in ("rounds.parquet", "layers.parquet", "clients.parquet"):
-        left = pd.read_parquet(a / name).drop(columns="seconds", errors="ignore")
-        right = pd.read_parquet(b / name).drop(columns="seconds", errors="ignore")
-        pd.testing.assert_frame_equal(left, right, check_exact=True)
-
-
 def test_quickstart_shrunk_with_a_diverging_trial(ray_local, tmp_path, tiny_config):
     storage = tmp_path / "results"
     variants = "sweep.variants=[{algorithm: fedavg}, {algorithm: lips}, {train.lr: 1.0e+6}]"
@@ -123,7 +112,7 @@ def test_quickstart_shrunk_with_a_diverging_trial(ray_local, tmp_path, tiny_conf
     # a trial is exactly the run `ray-lips run` would make of the same config
     lips = next(t for t in trials if t.name.endswith("lips_s0"))
     config = yaml.safe_load((lips / "config.yaml").read_text())
-    _same_tables(lips, _local_twin(tmp_path, config, "twin"))
+    assert_same_tables(lips, _local_twin(tmp_path, config, "twin"))
 
     again = _invoke(str(SWEEPS / "quickstart.yaml"), "--set", f"sweep.storage_path={storage}")
     assert again.exit_code == 2 and "already holds a sweep" in again.output
@@ -157,7 +146,7 @@ def test_crashed_trial_retries_from_its_checkpoint(ray_local, tmp_path, tiny_con
     # rounds 1-4 reported, the crash after round 5, then a restart from the round-3 checkpoint
     assert _reports(trial) == [1, 2, 3, 4, 4, 5, 6]
     assert json.loads((trial / "status.json").read_text())["status"] == "finished"
-    _same_tables(trial, _local_twin(tmp_path, trial_config(spec.base, {}), "twin"))
+    assert_same_tables(trial, _local_twin(tmp_path, trial_config(spec.base, {}), "twin"))
 
 
 def test_a_tune_checkpoint_restores_a_trial_whose_directory_is_gone(tmp_path, tiny_config):
@@ -186,7 +175,7 @@ def test_a_tune_checkpoint_restores_a_trial_whose_directory_is_gone(tmp_path, ti
         resumed.close()
     finally:
         torch.set_num_threads(threads)
-    _same_tables(moved.dir, straight)
+    assert_same_tables(moved.dir, straight)
 
 
 def test_the_scheduler_is_asha_clocked_in_rounds(tiny_config):

@@ -132,6 +132,25 @@ def test_traffic_is_the_same_with_one_pool_and_three(tmp_path, tiny_config):
     assert columns[1][0]["down_bytes"] < columns[1][2]["down_bytes"]  # density rises
 
 
+
+@pytest.mark.parametrize("algorithm", ["fedper", "fedrep"])
+def test_entries_a_client_keeps_are_neither_downloaded_nor_uploaded(
+        algorithm, tmp_path, tiny_config):
+    """FedPer's and FedRep's heads never travel: each client's download and upload in a dense
+    round is the model less its local entries."""
+    tree = _config(tiny_config, 2, handout="dense")
+    tree["algorithm"] = algorithm
+    run = FederatedRun(validate_config(tree), tmp_path / "r")
+    try:
+        local = run.pools.pools[0].algorithm.local
+        body_bytes = state_bytes({k: v for k, v in run.global_state.items() if k not in local})
+        totals, rows = _round_with_traffic(run)
+    finally:
+        run.close()
+    assert local and body_bytes < state_bytes(run.global_state)
+    assert all(r["down_bytes"] == r["down_bytes_dense"] == body_bytes for r in rows)
+    assert totals["up_bytes"] == run.cfg.data.clients * body_bytes
+
 def test_dense_rounds_hand_every_client_the_whole_model_and_uploads_are_its_parts(
         tmp_path, tiny_config):
     run = FederatedRun(validate_config(_config(tiny_config, 2, handout="dense")), tmp_path / "r")

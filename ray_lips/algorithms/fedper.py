@@ -25,13 +25,7 @@ from ray_lips.algorithms.base import (
     GLOBAL_BODY,
     Algorithm,
     AlgorithmOptions,
-    ClientRound,
-    ClientUpdate,
-    ClientView,
     LocalSettings,
-    Tensors,
-    Trained,
-    TrainJob,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +61,7 @@ class FedPer(Algorithm):
     has_global_model = False
     sparse_handout = False
     client_slots = (HEAD,)
+    local_slot = HEAD  # the personal entries are its local ones: never sent, either way
 
     class Options(AlgorithmOptions):
         personal_layers: int = Field(1, ge=1)  # trailing weight layers (Conv/Linear) kept local
@@ -79,18 +74,4 @@ class FedPer(Algorithm):
         modules = personal_modules(model, options.personal_layers, options.local_bn)
         prefixes = tuple(f"{name}." for name in modules)
         self.personal = [k for k in model.state_dict() if k.startswith(prefixes)]
-
-    def shared(self, state: Tensors) -> Tensors:
-        return {k: v for k, v in state.items() if k not in self.personal}
-
-    def held_state(self, view: ClientView, client: int) -> Tensors:
-        head = view.store.get(client, HEAD)
-        handed = view.handed(client)
-        return handed if head is None else {**handed, **head}
-
-    def start_state(self, round: ClientRound, client: int) -> Tensors:
-        return self.held_state(round, client)
-
-    def update(self, round: ClientRound, job: TrainJob, trained: Trained) -> ClientUpdate:
-        round.store.put(job.client, HEAD, {k: trained.state[k] for k in self.personal})
-        return super().update(round, job, trained)
+        self.local = frozenset(self.personal)

@@ -61,7 +61,7 @@ class FedPer(Algorithm):
     has_global_model = False
     sparse_handout = False
     client_slots = (HEAD,)
-    local_slot = HEAD  # the personal entries are its local ones: never sent, either way
+    local_slot = HEAD  # its personal entries are its local ones: kept here, never sent
 
     class Options(AlgorithmOptions):
         personal_layers: int = Field(1, ge=1)  # trailing weight layers (Conv/Linear) kept local
